@@ -1,0 +1,162 @@
+"""Datasets on any fsspec URL: manifests, fingerprints, and the file checks that make stages resumable.
+
+Every stage writes a directory of Parquet files plus `manifest.json`, written last: its presence
+means the dataset is complete. A run records its plan (source + config fingerprint) in
+`_plan.json` first, so a re-run into the same directory can tell "resume my own work" from
+"overwrite someone else's". A Parquet file is complete iff its footer reads: a crash mid-write
+leaves a footer-less file, which a resume deletes and redoes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import posixpath
+import uuid
+from importlib import metadata
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import PipelineError, __version__
+
+MANIFEST = "manifest.json"
+PLAN = "_plan.json"
+
+
+class DatasetError(PipelineError):
+    """A dataset that is missing, incomplete, or made by something other than what was asked for."""
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) for a local path, `file://` or `gs://` URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of canonical JSON: equal for equal content, whatever the key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_fields(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain data, for manifests and fingerprints."""
+    return dataclasses.asdict(obj)
+
+
+def versions(*packages: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("pipeline", *packages):
+        if name == "pipeline":
+            out[name] = __version__
+            continue
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict[str, Any]) -> None:
+    """Write whole or not at all: object stores publish an upload only when it completes, and on
+    a POSIX filesystem we write a temporary file and rename it."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    if _is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, **kwargs: Any) -> None:
+    """One Parquet file, published whole (see `write_json`)."""
+    kwargs.setdefault("compression", "zstd")
+    if _is_local(fs):
+        tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}"
+        pq.write_table(table, tmp, filesystem=fs, **kwargs)
+        fs.mv(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs, **kwargs)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def parquet_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    """Sorted Parquet files directly in `directory` (temporary and hidden files excluded)."""
+    fs.invalidate_cache(directory)
+    if not fs.exists(directory):
+        return []
+    names = fs.ls(directory, detail=False)
+    return sorted(p for p in names if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+
+
+def drop_incomplete(fs: fsspec.AbstractFileSystem, directory: str) -> tuple[list[str], list[str]]:
+    """Delete files a crash left unfinished (unreadable footers, stray temporaries).
+
+    Returns (complete files, deleted files).
+    """
+    complete, deleted = [], []
+    fs.invalidate_cache(directory)
+    if not fs.exists(directory):
+        return complete, deleted
+    for path in sorted(fs.ls(directory, detail=False)):
+        name = posixpath.basename(path)
+        if ".tmp-" in name:
+            fs.rm(path)
+            deleted.append(path)
+            continue
+        if not name.endswith(".parquet"):
+            continue
+        try:
+            pq.read_metadata(path, filesystem=fs)
+        except (OSError, pa.ArrowInvalid):
+            fs.rm(path)
+            deleted.append(path)
+            continue
+        complete.append(path)
+    return complete, deleted
+
+
+def read_column(fs: fsspec.AbstractFileSystem, files: list[str], column: str) -> list[Any]:
+    """One column of many Parquet files, in file order (cheap: Parquet reads only that column)."""
+    values: list[Any] = []
+    for path in files:
+        values.extend(pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist())
+    return values
+
+
+def check_manifest(url: str, *, kind: str, fingerprint_: str | None = None) -> dict[str, Any]:
+    """Open a finished dataset's manifest, refusing an unfinished one or one of another kind."""
+    fs, root = filesystem(url)
+    manifest = read_json(fs, join(root, MANIFEST))
+    if manifest is None:
+        hint = " (a run into it has not finished: re-run it to resume)" if fs.exists(join(root, PLAN)) else ""
+        raise DatasetError(f"{url}: no {MANIFEST}; not a finished dataset{hint}")
+    if manifest.get("kind") != kind:
+        raise DatasetError(f"{url}: a {manifest.get('kind')!r} dataset, expected {kind!r}")
+    if fingerprint_ is not None and manifest.get("fingerprint") != fingerprint_:
+        raise DatasetError(
+            f"{url}: fingerprint {manifest.get('fingerprint', '')[:12]} differs from the expected "
+            f"{fingerprint_[:12]}"
+        )
+    return manifest

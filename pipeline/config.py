@@ -1,0 +1,159 @@
+"""One typed config for every stage: dataclasses, YAML presets, and `key=value` overrides.
+
+A run is described by a single `Config`. Presets (`tiny`, `paper`) live in `pipeline/presets/` as
+partial YAML over the dataclass defaults; a user's YAML file works the same way, and dotted
+overrides (`prepare.rows_per_file=500`) are applied last. Unknown keys and ill-typed values are
+refused with the key's full name, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import PipelineError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config file, preset or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Whisper's log-Mel front end. Defaults are Whisper-large-v3's (128 bins, 30 s windows)."""
+
+    sampling_rate: int = 16000
+    n_mels: int = 128
+    n_fft: int = 400
+    hop_length: int = 160
+    chunk_length_s: int = 30
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in one encoder window (480000): longer audio is cut, shorter zero-padded."""
+        return self.chunk_length_s * self.sampling_rate
+
+    @property
+    def n_frames(self) -> int:
+        """Frames of one padded encoder input (3000)."""
+        return self.n_samples // self.hop_length
+
+
+@dataclass
+class PrepareConfig:
+    """Stage 1: which CommonVoice rows become training clips, and how the output is laid out."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "dev", "test"])
+    min_up_votes: int = 0
+    max_down_votes: int | None = None
+    # Clips longer than one Whisper window are rejected, not truncated: a cut clip no longer
+    # matches its transcript, and the transcript is what the teacher answers.
+    max_duration_s: float = 30.0
+    min_duration_s: float = 0.1
+    # Peak amplitude below which a clip counts as silent (1e-3 is -60 dBFS).
+    silence_peak: float = 1e-3
+    rows_per_file: int = 1000
+    # Clips per Ray Data batch; each batch is decoded by one task on one CPU.
+    batch_size: int = 16
+    # Process only the first N selected rows (smoke runs); None for all.
+    limit: int | None = None
+
+
+@dataclass
+class Config:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from a preset name or YAML path (or defaults), then apply overrides."""
+    data: dict[str, Any] = {}
+    if source:
+        path = Path(source)
+        if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+            path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ConfigError(f"config {source!r} is neither a preset ({', '.join(presets())}) nor a file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return from_dict(Config, data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Instantiate dataclass `cls` from a (partial) mapping, checking names and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,304 @@
+"""Stage 1, prepare: a CommonVoice release -> Parquet shards of trimmed Whisper log-Mels + rejects.
+
+Output layout (any fsspec URL):
+
+    <out>/_plan.json          what this output is being made from (written first)
+    <out>/mels/part-*.parquet one row per usable clip (MELS_SCHEMA)
+    <out>/rejects/*.parquet   one row per clip or TSV row that could not be used (REJECTS_SCHEMA)
+    <out>/manifest.json       written last: counts, config, versions, fingerprint
+
+The per-clip work (`featurize_rows`) is pure and testable without Ray; `run_prepare` wraps it in a
+streaming Ray Data pipeline. Resuming is by id: every complete output file's ids are done, the
+rest is redone, so a crash at any point costs at most the files in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+import warnings
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import PipelineError, cache, features
+from pipeline import commonvoice as cv
+from pipeline.config import Config, FeatureConfig, PrepareConfig
+
+log = logging.getLogger(__name__)
+
+KIND = "mels"
+SCHEMA_VERSION = 1
+MELS_DIR, REJECTS_DIR = "mels", "rejects"
+ROW_REJECTS_FILE = "rows.parquet"
+# A clip whose decoded length is below this share of its header's frame count is truncated.
+MIN_COMPLETE = 0.99
+
+MELS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("split", pa.string()),
+    ("sentence", pa.string()),
+    ("path", pa.string()),
+    *[(col, pa.string()) for col in cv.PASSTHROUGH],
+    ("duration_s", pa.float32()),
+    ("num_frames", pa.int32()),
+    # float16 [n_mels, num_frames], row-major; see features.to_bytes / features.restore_row.
+    ("mel", pa.binary()),
+    ("mel_pad_value", pa.float32()),
+])
+REJECTS_SCHEMA = pa.schema([(c, pa.string()) for c in ("id", "split", "path", "source", "reason", "detail")])
+# What featurize emits: a mels row, or a reject (mel null, reason set).
+WORK_SCHEMA = pa.schema(list(MELS_SCHEMA) + [(c, pa.string()) for c in ("source", "reason", "detail")])
+
+
+class PrepareError(PipelineError):
+    """The release or the output directory does not allow this run."""
+
+
+def featurize_clip(row: dict[str, Any], data: bytes, fcfg: FeatureConfig,
+                   pcfg: PrepareConfig) -> dict[str, Any]:
+    """One TSV row + its file's bytes -> a mels row, or the same row with `reason`/`detail` set."""
+    out = {name: row.get(name) for name in WORK_SCHEMA.names}
+
+    def rejected(reason: str, detail: str) -> dict[str, Any]:
+        return out | {"reason": reason, "detail": detail, "mel": None}
+
+    if not data:
+        return rejected(cv.EMPTY_FILE, "the clip file has zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoded = features.decode(data, fcfg.sampling_rate)
+    except Exception as e:  # libsndfile raises several types for bad input; all mean the same here
+        return rejected(cv.UNDECODABLE, f"{type(e).__name__}: {e}"[:300])
+    audio, sr = decoded.audio, fcfg.sampling_rate
+    duration = len(audio) / sr
+    if len(audio) == 0:
+        return rejected(cv.EMPTY_AUDIO, "the clip decodes to no samples")
+    if decoded.complete < MIN_COMPLETE:
+        declared = decoded.declared_frames / decoded.native_rate
+        return rejected(cv.UNDECODABLE, f"truncated: decoded {duration:.2f} s of the {declared:.2f} s "
+                                        "its header declares")
+    if duration < pcfg.min_duration_s:
+        return rejected(cv.TOO_SHORT, f"{duration:.3f} s < min_duration_s {pcfg.min_duration_s}")
+    if len(audio) > pcfg.max_duration_s * sr:
+        return rejected(cv.TOO_LONG, f"{duration:.2f} s > max_duration_s {pcfg.max_duration_s}")
+    peak = float(np.abs(audio).max())
+    if peak < pcfg.silence_peak:
+        return rejected(cv.SILENT, f"peak amplitude {peak:.2e} < silence_peak {pcfg.silence_peak:.0e}")
+    mel = features.log_mel(audio, fcfg)
+    return out | {
+        "duration_s": duration,
+        "num_frames": mel.num_frames,
+        "mel": features.to_bytes(mel.frames),
+        "mel_pad_value": mel.pad_value,
+    }
+
+
+def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConfig,
+                   pcfg: PrepareConfig) -> pa.Table:
+    """Read and featurize a batch of rows; every input row comes back, usable or rejected."""
+    import torch
+
+    torch.set_num_threads(1)  # one CPU per task: Ray Data parallelises across clips
+    fs, root = cache.filesystem(clips_url)
+    out = []
+    for row in rows:
+        path = cache.join(root, row["path"])
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            out.append({n: row.get(n) for n in WORK_SCHEMA.names}
+                       | {"reason": cv.MISSING_FILE, "detail": f"{clips_url}/{row['path']} does not exist"})
+            continue
+        out.append(featurize_clip(row, data, fcfg, pcfg))
+    return pa.Table.from_pylist(out, schema=WORK_SCHEMA)
+
+
+def split_work(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """WORK_SCHEMA rows -> (mels rows, rejects rows)."""
+    bad = table.column("reason").is_valid()
+    good = table.filter(pc.invert(bad)).select(MELS_SCHEMA.names).cast(MELS_SCHEMA)
+    rejects = table.filter(bad).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+    return good, rejects
+
+
+def write_mels(fs: Any, path: str, table: pa.Table) -> None:
+    cache.write_parquet(fs, path, table, row_group_size=256,
+                        use_dictionary=[n for n in MELS_SCHEMA.names if n not in ("id", "mel")],
+                        write_statistics=["id", "split", "duration_s", "num_frames"])
+
+
+def _make_sink(output_url: str, rows_per_file: int):
+    """A Datasink writing each bundle of >= rows_per_file rows as one mels file (+ its rejects)."""
+    from ray.data import Datasink
+
+    class PrepareSink(Datasink):
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_file
+
+        def write(self, blocks, ctx) -> dict[str, int]:
+            table = pa.concat_tables([pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks])
+            good, rejects = split_work(table.cast(WORK_SCHEMA))
+            fs, root = cache.filesystem(output_url)
+            name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+            # Rejects first: if we die between the two, the clips in `good` are simply redone.
+            if rejects.num_rows:
+                cache.write_parquet(fs, cache.join(root, REJECTS_DIR, name), rejects)
+            if good.num_rows:
+                write_mels(fs, cache.join(root, MELS_DIR, name), good)
+            return {"rows": good.num_rows, "rejects": rejects.num_rows}
+
+    return PrepareSink()
+
+
+def plan_fingerprint(cfg: Config, tsv_sha256: dict[str, str]) -> dict[str, Any]:
+    """What the output's content depends on (file sizes and parallelism excluded)."""
+    p = cfg.prepare
+    content = {
+        "schema_version": SCHEMA_VERSION,
+        "tsv_sha256": tsv_sha256,
+        "features": cache.fingerprint_fields(cfg.features),
+        "prepare": {k: getattr(p, k) for k in ("splits", "min_up_votes", "max_down_votes", "max_duration_s",
+                                               "min_duration_s", "silence_peak", "limit")},
+    }
+    return {"fingerprint": cache.fingerprint(content), "content": content}
+
+
+def _describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _describe_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def read_release(input_url: str, splits: list[str]) -> dict[str, bytes]:
+    fs, root = cache.filesystem(input_url)
+    tsvs = {}
+    for split in splits:
+        path = cache.join(root, f"{split}.tsv")
+        try:
+            tsvs[split] = fs.cat_file(path)
+        except FileNotFoundError:
+            present = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(cache.join(root, "*.tsv")))
+            raise PrepareError(f"{input_url}: no {split}.tsv (split {split!r}); the release has: "
+                               f"{', '.join(present) or 'no TSV files'}") from None
+    return tsvs
+
+
+def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume, or confirm) stage 1. Returns the manifest."""
+    import ray
+
+    t0 = time.time()
+    pcfg = cfg.prepare
+    sel = cv.select(read_release(input_url, pcfg.splits), min_up_votes=pcfg.min_up_votes,
+                    max_down_votes=pcfg.max_down_votes, limit=pcfg.limit)
+    plan = plan_fingerprint(cfg, sel.tsv_sha256) | {"input": input_url}
+    fs, root = cache.filesystem(output_url)
+    if overwrite and fs.exists(root):
+        log.info("removing %s (--overwrite)", output_url)
+        fs.rm(root, recursive=True)
+    old = cache.read_json(fs, cache.join(root, cache.PLAN))
+    if old and old["fingerprint"] != plan["fingerprint"]:
+        diff = _describe_diff(old["content"], plan["content"])
+        raise PrepareError(f"{output_url} holds prepare output of another plan ({'; '.join(diff)}); "
+                           "choose a new output or pass --overwrite")
+    manifest = cache.read_json(fs, cache.join(root, cache.MANIFEST))
+    if manifest and manifest.get("fingerprint") == plan["fingerprint"]:
+        log.info("%s is complete (%d clips); nothing to do", output_url, manifest["counts"]["clips"])
+        return manifest
+    fs.makedirs(cache.join(root, MELS_DIR), exist_ok=True)
+    fs.makedirs(cache.join(root, REJECTS_DIR), exist_ok=True)
+    cache.write_json(fs, cache.join(root, cache.PLAN), plan)
+
+    # Row-level rejects are recomputed each run (cheap, deterministic) and written whole.
+    row_rejects = pa.Table.from_pylist(sel.rejects, schema=REJECTS_SCHEMA)
+    cache.write_parquet(fs, cache.join(root, REJECTS_DIR, ROW_REJECTS_FILE), row_rejects)
+
+    done: set[str] = set()
+    for sub in (MELS_DIR, REJECTS_DIR):
+        complete, deleted = cache.drop_incomplete(fs, cache.join(root, sub))
+        for path in deleted:
+            log.warning("removed unfinished file %s (a previous run stopped while writing it)", path)
+        done.update(cache.read_column(fs, [f for f in complete if not f.endswith(ROW_REJECTS_FILE)], "id"))
+    todo = [r for r in sel.rows if r["id"] not in done]
+    log.info("prepare: %d clips selected, %d already done, %d to do; %d rows rejected from the TSVs",
+             len(sel.rows), len(sel.rows) - len(todo), len(todo), len(sel.rejects))
+
+    if todo:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        per_block = min(1024, max(pcfg.batch_size, math.ceil(len(todo) / (4 * cpus))))
+        in_schema = pa.schema([f for f in WORK_SCHEMA if f.name in todo[0]])
+        todo_table = pa.Table.from_pylist(todo, schema=in_schema)
+        blocks = [todo_table.slice(i, per_block) for i in range(0, len(todo), per_block)]
+        clips_url = cache.join(input_url.rstrip("/"), "clips")
+        fcfg = cfg.features
+
+        def featurize(batch: pa.Table) -> pa.Table:
+            return featurize_rows(batch.to_pylist(), clips_url, fcfg, pcfg)
+
+        ds = ray.data.from_arrow(blocks).map_batches(
+            featurize, batch_size=pcfg.batch_size, batch_format="pyarrow", num_cpus=1)
+        ds.write_datasink(_make_sink(output_url, pcfg.rows_per_file))
+
+    manifest = finalize(cfg, output_url, plan, sel)
+    c = manifest["counts"]
+    log.info("prepare: %d clips (%.2f h of audio) in %d files, %d rejects %s; %.1f s",
+             c["clips"], c["audio_hours"], len(manifest["files"]["mels"]), c["rejects"],
+             dict(c["rejects_by_reason"]), time.time() - t0)
+    return manifest
+
+
+def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selection) -> dict[str, Any]:
+    """Check the finished output (every selected row accounted for exactly once) and write the manifest."""
+    fs, root = cache.filesystem(output_url)
+    mel_files = cache.parquet_files(fs, cache.join(root, MELS_DIR))
+    reject_files = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
+    ids = cache.read_column(fs, mel_files, "id")
+    splits = cache.read_column(fs, mel_files, "split")
+    durations = cache.read_column(fs, mel_files, "duration_s")
+    clip_reject_files = [f for f in reject_files if not f.endswith(ROW_REJECTS_FILE)]
+    reject_ids = cache.read_column(fs, reject_files, "id")
+    reasons = cache.read_column(fs, reject_files, "reason")
+    # Each selected clip must end up in exactly one place: a mels row or a clip reject.
+    seen = Counter(ids) + Counter(cache.read_column(fs, clip_reject_files, "id"))
+    dups = [i for i, n in seen.items() if n > 1]
+    if dups:
+        raise PrepareError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
+                           "run writing into the same output? Re-run with --overwrite")
+    missing = [r["id"] for r in sel.rows if r["id"] not in seen]
+    if missing:
+        raise PrepareError(f"{output_url}: {len(missing)} selected clip(s) have no output row "
+                           f"(e.g. {missing[:3]}); re-run to finish them")
+    manifest = {
+        "kind": KIND,
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": plan["fingerprint"],
+        "source": {"input": plan["input"], "splits": cfg.prepare.splits, "tsv_sha256": sel.tsv_sha256},
+        "config": {"features": cache.fingerprint_fields(cfg.features), "prepare": vars(cfg.prepare)},
+        "versions": cache.versions("ray", "torch", "librosa", "soundfile", "pyarrow", "transformers"),
+        "counts": {
+            "clips": len(ids),
+            "audio_hours": round(float(sum(durations)) / 3600, 4),
+            "clips_by_split": dict(Counter(splits)),
+            "rejects": len(reject_ids),
+            "rejects_by_reason": dict(Counter(reasons)),
+            "filtered": sel.filtered,
+        },
+        "files": {"mels": [f.rsplit("/", 1)[-1] for f in mel_files],
+                  "rejects": [f.rsplit("/", 1)[-1] for f in reject_files]},
+        "created_unix": int(time.time()),
+    }
+    cache.write_json(fs, cache.join(root, cache.MANIFEST), manifest)
+    return manifest
