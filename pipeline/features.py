@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import librosa
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
 from pipeline.config import FeatureConfig
@@ -55,16 +56,21 @@ def decode(source: str | bytes, sampling_rate: int = 16000) -> Decoded:
     """Any file libsndfile reads (MP3, WAV, FLAC, OGG) -> mono float32 at `sampling_rate`.
 
     The same steps as `librosa.load(sr=...)` (read, average channels, soxr_hq resample; a test
-    holds them bit-equal), done by hand to keep the header's frame count: libsndfile decodes a
-    truncated MP3 without an error, and only that count shows the clip is cut short.
+    holds them bit-equal), done by hand to keep the header's frame count (libsndfile decodes a
+    truncated MP3 without an error, and only that count shows the clip is cut short) and to spare
+    each worker librosa's import-time cost.
     """
     with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
         declared, native = f.frames, f.samplerate
         audio = f.read(dtype="float32", always_2d=False).T
     read = audio.shape[-1]
-    audio = librosa.to_mono(audio)
+    if audio.ndim > 1:
+        audio = audio.mean(axis=0)  # librosa.to_mono
     if native != sampling_rate:
-        audio = librosa.resample(audio, orig_sr=native, target_sr=sampling_rate, res_type="soxr_hq")
+        # librosa.resample(res_type="soxr_hq"), without its import-time cost in every worker.
+        n = math.ceil(len(audio) * sampling_rate / native)
+        audio = soxr.resample(audio, native, sampling_rate, quality="soxr_hq")[:n]
+        audio = np.pad(audio, (0, n - len(audio)))
     return Decoded(np.ascontiguousarray(audio, dtype=np.float32), native, declared, read)
 
 
@@ -91,8 +97,12 @@ def audio_frames(num_samples: int, cfg: FeatureConfig) -> int:
     return min(cfg.n_frames, math.ceil((n + cfg.n_fft // 2) / cfg.hop_length))
 
 
-def log_mel(audio: np.ndarray, cfg: FeatureConfig) -> LogMel:
-    """Whisper log-Mel of the frames that hold audio; audio past 30 s is cut, as Whisper does."""
+def log_mel(audio: np.ndarray, cfg: FeatureConfig, filters: torch.Tensor | None = None) -> LogMel:
+    """Whisper log-Mel of the frames that hold audio; audio past 30 s is cut, as Whisper does.
+
+    `filters` (from `mel_filters`) may be passed in so that workers need not import librosa.
+    """
+    filters = mel_filters(cfg) if filters is None else filters
     audio = audio[: cfg.n_samples]
     n = audio_frames(len(audio), cfg)
     # Enough trailing zeros that frame n-1's window never reaches the end-of-signal reflection
@@ -102,7 +112,7 @@ def log_mel(audio: np.ndarray, cfg: FeatureConfig) -> LogMel:
     wave[: len(audio)] = torch.from_numpy(audio)
     stft = torch.stft(wave, cfg.n_fft, cfg.hop_length, window=_window(cfg.n_fft), return_complex=True)
     power = (stft[:, :n].abs() ** 2).contiguous()
-    log_spec = torch.clamp(mel_filters(cfg) @ power, min=1e-10).log10()
+    log_spec = torch.clamp(filters @ power, min=1e-10).log10()
     floor = log_spec.max() - 8.0
     log_spec = (torch.maximum(log_spec, floor) + 4.0) / 4.0
     # A frame of pure padding has power 0: clamp and log it with the same float32 ops the

@@ -60,8 +60,8 @@ class PrepareError(PipelineError):
     """The release or the output directory does not allow this run."""
 
 
-def featurize_clip(row: dict[str, Any], data: bytes, fcfg: FeatureConfig,
-                   pcfg: PrepareConfig) -> dict[str, Any]:
+def featurize_clip(row: dict[str, Any], data: bytes, fcfg: FeatureConfig, pcfg: PrepareConfig,
+                   filters: Any = None) -> dict[str, Any]:
     """One TSV row + its file's bytes -> a mels row, or the same row with `reason`/`detail` set."""
     out = {name: row.get(name) for name in WORK_SCHEMA.names}
 
@@ -91,7 +91,7 @@ def featurize_clip(row: dict[str, Any], data: bytes, fcfg: FeatureConfig,
     peak = float(np.abs(audio).max())
     if peak < pcfg.silence_peak:
         return rejected(cv.SILENT, f"peak amplitude {peak:.2e} < silence_peak {pcfg.silence_peak:.0e}")
-    mel = features.log_mel(audio, fcfg)
+    mel = features.log_mel(audio, fcfg, filters)
     return out | {
         "duration_s": duration,
         "num_frames": mel.num_frames,
@@ -101,7 +101,7 @@ def featurize_clip(row: dict[str, Any], data: bytes, fcfg: FeatureConfig,
 
 
 def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConfig,
-                   pcfg: PrepareConfig) -> pa.Table:
+                   pcfg: PrepareConfig, filters: Any = None) -> pa.Table:
     """Read and featurize a batch of rows; every input row comes back, usable or rejected."""
     import torch
 
@@ -116,7 +116,7 @@ def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConf
             out.append({n: row.get(n) for n in WORK_SCHEMA.names}
                        | {"reason": cv.MISSING_FILE, "detail": f"{clips_url}/{row['path']} does not exist"})
             continue
-        out.append(featurize_clip(row, data, fcfg, pcfg))
+        out.append(featurize_clip(row, data, fcfg, pcfg, filters))
     return pa.Table.from_pylist(out, schema=WORK_SCHEMA)
 
 
@@ -244,9 +244,10 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
         blocks = [todo_table.slice(i, per_block) for i in range(0, len(todo), per_block)]
         clips_url = cache.join(input_url.rstrip("/"), "clips")
         fcfg = cfg.features
+        filters = features.mel_filters(fcfg)  # shipped with the tasks: workers never import librosa
 
         def featurize(batch: pa.Table) -> pa.Table:
-            return featurize_rows(batch.to_pylist(), clips_url, fcfg, pcfg)
+            return featurize_rows(batch.to_pylist(), clips_url, fcfg, pcfg, filters)
 
         ds = ray.data.from_arrow(blocks).map_batches(
             featurize, batch_size=pcfg.batch_size, batch_format="pyarrow", num_cpus=1)

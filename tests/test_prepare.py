@@ -147,12 +147,13 @@ def test_bad_inputs_are_rejected_and_good_rows_kept(ray_local, corpus_copy, tmp_
     assert manifest["counts"]["rejects"] == len(expected)
 
 
-def run_job(release: Path, out: Path, *overrides: str) -> subprocess.Popen:
+def run_job(release: Path, out: Path, log: Path, *overrides: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.prepare", "--config", "tiny", "--input", str(release), "--output", str(out),
-         "prepare.rows_per_file=4", "prepare.batch_size=1", *overrides],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.prepare", "--config", "tiny", "--input", str(release), "--output", str(out),
+             "prepare.rows_per_file=4", "prepare.batch_size=1", *overrides],
+            cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_resume_after_crash_gives_the_clean_run(ray_local, corpus, tmp_path):
@@ -160,11 +161,12 @@ def test_resume_after_crash_gives_the_clean_run(ray_local, corpus, tmp_path):
     run_prepare(tiny("prepare.rows_per_file=4"), str(corpus), str(clean))
 
     out = tmp_path / "crashed"
-    job = run_job(corpus, out)
+    log = tmp_path / "job.log"
+    job = run_job(corpus, out, log)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / MELS_DIR).glob("part-*.parquet"))) < 2:
-        assert job.poll() is None, job.stdout.read().decode()[-3000:]
-        time.sleep(0.05)
+        assert job.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and its whole local Ray, mid-run
     job.wait()
     assert not (out / "manifest.json").exists(), "the job finished before it could be killed"
