@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import commonvoice as cv  # noqa: E402
-from pipeline import features  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.prepare import MELS_SCHEMA, WORK_SCHEMA, featurize_clip, split_work, write_mels  # noqa: E402
+from pipeline import cache, features
+from pipeline import commonvoice as cv
+from pipeline.config import load_config
+from pipeline.prepare import MELS_SCHEMA, REJECTS_SCHEMA, WORK_SCHEMA, featurize_clip, write_mels
 
 TARGETS = {"a/b": 3.0, "a/c": 0.6, "job_efficiency": 0.6, "a_mb_per_5s": 0.13}
 
@@ -62,9 +62,9 @@ def timed(fn, items) -> tuple[float, float, object]:
 def path_a(rows, corpus, cfg, filters):
     out = [featurize_clip(r, (corpus / "clips" / r["path"]).read_bytes(), cfg.features, cfg.prepare, filters)
            for r in rows]
-    good, _ = split_work(pa.Table.from_pylist(out, schema=WORK_SCHEMA))
+    good, _ = cache.split_results(pa.Table.from_pylist(out, schema=WORK_SCHEMA), MELS_SCHEMA, REJECTS_SCHEMA)
     fs = fsspec.filesystem("memory")
-    write_mels(fs, "/bench/a.parquet", good.cast(MELS_SCHEMA))
+    write_mels(fs, "/bench/a.parquet", good)
     size = fs.size("/bench/a.parquet")
     fs.rm("/bench/a.parquet")
     return size, float(pa.compute.sum(good.column("duration_s")).as_py())

@@ -160,3 +160,94 @@ def check_manifest(url: str, *, kind: str, fingerprint_: str | None = None) -> d
             f"{fingerprint_[:12]}"
         )
     return manifest
+
+
+def describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two nested dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += describe_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def begin(output_url: str, plan: dict[str, Any], subdirs: tuple[str, ...], *,
+          overwrite: bool = False) -> dict[str, Any] | None:
+    """Start, resume or confirm a run writing `output_url`; `plan` = {"fingerprint", "content", ...}.
+
+    Returns the manifest if the output is already complete for this plan (nothing to do), else
+    None after recording the plan. Refuses an output begun under another plan, naming what differs.
+    """
+    fs, root = filesystem(output_url)
+    if overwrite and fs.exists(root):
+        fs.rm(root, recursive=True)
+    old = read_json(fs, join(root, PLAN))
+    if old and old["fingerprint"] != plan["fingerprint"]:
+        diff = describe_diff(old.get("content", {}), plan.get("content", {}))
+        raise DatasetError(f"{output_url} holds output of another plan ({'; '.join(diff) or 'fingerprint differs'}); "
+                           "choose a new output or pass --overwrite")
+    manifest = read_json(fs, join(root, MANIFEST))
+    if manifest and manifest.get("fingerprint") == plan["fingerprint"]:
+        return manifest
+    for sub in subdirs:
+        fs.makedirs(join(root, sub), exist_ok=True)
+    write_json(fs, join(root, PLAN), plan)
+    return None
+
+
+def done_ids(output_url: str, subdirs: tuple[str, ...], *, skip: tuple[str, ...] = ()) -> tuple[set[str], list[str]]:
+    """Ids already written by complete files (after deleting unfinished ones), and what was deleted.
+
+    Files named in `skip` are not results of the per-row work (e.g. a table of TSV-row rejects).
+    """
+    fs, root = filesystem(output_url)
+    done: set[str] = set()
+    removed: list[str] = []
+    for sub in subdirs:
+        complete, deleted = drop_incomplete(fs, join(root, sub))
+        removed += deleted
+        done.update(read_column(fs, [f for f in complete if posixpath.basename(f) not in skip], "id"))
+    return done, removed
+
+
+def split_results(table: pa.Table, good_schema: pa.Schema, reject_schema: pa.Schema) -> tuple[pa.Table, pa.Table]:
+    """Per-row work output -> (result rows, reject rows): a row is a reject iff `reason` is set."""
+    import pyarrow.compute as pc
+
+    bad = table.column("reason").is_valid()
+    good = table.filter(pc.invert(bad)).select(good_schema.names).cast(good_schema)
+    return good, table.filter(bad).select(reject_schema.names).cast(reject_schema)
+
+
+def split_sink(output_url: str, rows_per_file: int, good_dir: str, good_schema: pa.Schema,
+               reject_dir: str, reject_schema: pa.Schema, write_good: Any = None):
+    """A Ray Data Datasink for per-row work whose rows are results or rejects (`reason` set).
+
+    Each write task gets >= rows_per_file rows and publishes one results file and, if any, one
+    rejects file under the same random name. Rejects go first: dying between the two only means
+    the results are redone.
+    """
+    from ray.data import Datasink
+
+    write_good = write_good or write_parquet
+
+    class SplitSink(Datasink):
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_file
+
+        def write(self, blocks, ctx) -> dict[str, int]:
+            table = pa.concat_tables([b if isinstance(b, pa.Table) else pa.table(b) for b in blocks])
+            good, rejects = split_results(table, good_schema, reject_schema)
+            fs, root = filesystem(output_url)
+            name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+            if rejects.num_rows:
+                write_parquet(fs, join(root, reject_dir, name), rejects)
+            if good.num_rows:
+                write_good(fs, join(root, good_dir, name), good)
+            return {"rows": good.num_rows, "rejects": rejects.num_rows}
+
+    return SplitSink()

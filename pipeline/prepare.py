@@ -17,14 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 import warnings
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import PipelineError, cache, features
 from pipeline import commonvoice as cv
@@ -57,7 +55,7 @@ WORK_SCHEMA = pa.schema(list(MELS_SCHEMA) + [(c, pa.string()) for c in ("source"
 
 
 class PrepareError(PipelineError):
-    """The release or the output directory does not allow this run."""
+    """The release does not allow this run."""
 
 
 def featurize_clip(row: dict[str, Any], data: bytes, fcfg: FeatureConfig, pcfg: PrepareConfig,
@@ -120,42 +118,10 @@ def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConf
     return pa.Table.from_pylist(out, schema=WORK_SCHEMA)
 
 
-def split_work(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """WORK_SCHEMA rows -> (mels rows, rejects rows)."""
-    bad = table.column("reason").is_valid()
-    good = table.filter(pc.invert(bad)).select(MELS_SCHEMA.names).cast(MELS_SCHEMA)
-    rejects = table.filter(bad).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
-    return good, rejects
-
-
 def write_mels(fs: Any, path: str, table: pa.Table) -> None:
     cache.write_parquet(fs, path, table, row_group_size=256,
                         use_dictionary=[n for n in MELS_SCHEMA.names if n not in ("id", "mel")],
                         write_statistics=["id", "split", "duration_s", "num_frames"])
-
-
-def _make_sink(output_url: str, rows_per_file: int):
-    """A Datasink writing each bundle of >= rows_per_file rows as one mels file (+ its rejects)."""
-    from ray.data import Datasink
-
-    class PrepareSink(Datasink):
-        @property
-        def min_rows_per_write(self) -> int:
-            return rows_per_file
-
-        def write(self, blocks, ctx) -> dict[str, int]:
-            table = pa.concat_tables([pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks])
-            good, rejects = split_work(table.cast(WORK_SCHEMA))
-            fs, root = cache.filesystem(output_url)
-            name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-            # Rejects first: if we die between the two, the clips in `good` are simply redone.
-            if rejects.num_rows:
-                cache.write_parquet(fs, cache.join(root, REJECTS_DIR, name), rejects)
-            if good.num_rows:
-                write_mels(fs, cache.join(root, MELS_DIR, name), good)
-            return {"rows": good.num_rows, "rejects": rejects.num_rows}
-
-    return PrepareSink()
 
 
 def plan_fingerprint(cfg: Config, tsv_sha256: dict[str, str]) -> dict[str, Any]:
@@ -169,17 +135,6 @@ def plan_fingerprint(cfg: Config, tsv_sha256: dict[str, str]) -> dict[str, Any]:
                                                "min_duration_s", "silence_peak", "limit")},
     }
     return {"fingerprint": cache.fingerprint(content), "content": content}
-
-
-def _describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _describe_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
 
 
 def read_release(input_url: str, splits: list[str]) -> dict[str, bytes]:
@@ -205,33 +160,19 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
     sel = cv.select(read_release(input_url, pcfg.splits), min_up_votes=pcfg.min_up_votes,
                     max_down_votes=pcfg.max_down_votes, limit=pcfg.limit)
     plan = plan_fingerprint(cfg, sel.tsv_sha256) | {"input": input_url}
-    fs, root = cache.filesystem(output_url)
-    if overwrite and fs.exists(root):
-        log.info("removing %s (--overwrite)", output_url)
-        fs.rm(root, recursive=True)
-    old = cache.read_json(fs, cache.join(root, cache.PLAN))
-    if old and old["fingerprint"] != plan["fingerprint"]:
-        diff = _describe_diff(old["content"], plan["content"])
-        raise PrepareError(f"{output_url} holds prepare output of another plan ({'; '.join(diff)}); "
-                           "choose a new output or pass --overwrite")
-    manifest = cache.read_json(fs, cache.join(root, cache.MANIFEST))
-    if manifest and manifest.get("fingerprint") == plan["fingerprint"]:
+    manifest = cache.begin(output_url, plan, (MELS_DIR, REJECTS_DIR), overwrite=overwrite)
+    if manifest:
         log.info("%s is complete (%d clips); nothing to do", output_url, manifest["counts"]["clips"])
         return manifest
-    fs.makedirs(cache.join(root, MELS_DIR), exist_ok=True)
-    fs.makedirs(cache.join(root, REJECTS_DIR), exist_ok=True)
-    cache.write_json(fs, cache.join(root, cache.PLAN), plan)
+    fs, root = cache.filesystem(output_url)
 
     # Row-level rejects are recomputed each run (cheap, deterministic) and written whole.
     row_rejects = pa.Table.from_pylist(sel.rejects, schema=REJECTS_SCHEMA)
     cache.write_parquet(fs, cache.join(root, REJECTS_DIR, ROW_REJECTS_FILE), row_rejects)
 
-    done: set[str] = set()
-    for sub in (MELS_DIR, REJECTS_DIR):
-        complete, deleted = cache.drop_incomplete(fs, cache.join(root, sub))
-        for path in deleted:
-            log.warning("removed unfinished file %s (a previous run stopped while writing it)", path)
-        done.update(cache.read_column(fs, [f for f in complete if not f.endswith(ROW_REJECTS_FILE)], "id"))
+    done, removed = cache.done_ids(output_url, (MELS_DIR, REJECTS_DIR), skip=(ROW_REJECTS_FILE,))
+    for path in removed:
+        log.warning("removed unfinished file %s (a previous run stopped while writing it)", path)
     todo = [r for r in sel.rows if r["id"] not in done]
     log.info("prepare: %d clips selected, %d already done, %d to do; %d rows rejected from the TSVs",
              len(sel.rows), len(sel.rows) - len(todo), len(todo), len(sel.rejects))
@@ -251,7 +192,8 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
 
         ds = ray.data.from_arrow(blocks).map_batches(
             featurize, batch_size=pcfg.batch_size, batch_format="pyarrow", num_cpus=1)
-        ds.write_datasink(_make_sink(output_url, pcfg.rows_per_file))
+        ds.write_datasink(cache.split_sink(output_url, pcfg.rows_per_file, MELS_DIR, MELS_SCHEMA,
+                                           REJECTS_DIR, REJECTS_SCHEMA, write_mels))
 
     manifest = finalize(cfg, output_url, plan, sel)
     c = manifest["counts"]
@@ -276,11 +218,11 @@ def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selecti
     seen = Counter(ids) + Counter(cache.read_column(fs, clip_reject_files, "id"))
     dups = [i for i, n in seen.items() if n > 1]
     if dups:
-        raise PrepareError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
+        raise cache.DatasetError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
                            "run writing into the same output? Re-run with --overwrite")
     missing = [r["id"] for r in sel.rows if r["id"] not in seen]
     if missing:
-        raise PrepareError(f"{output_url}: {len(missing)} selected clip(s) have no output row "
+        raise cache.DatasetError(f"{output_url}: {len(missing)} selected clip(s) have no output row "
                            f"(e.g. {missing[:3]}); re-run to finish them")
     manifest = {
         "kind": KIND,

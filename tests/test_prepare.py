@@ -191,7 +191,7 @@ def test_resume_after_crash_gives_the_clean_run(ray_local, corpus, tmp_path):
 def test_another_plan_is_refused_with_what_differs(ray_local, corpus, tmp_path):
     out = tmp_path / "mels"
     run_prepare(tiny("prepare.splits=[dev]"), str(corpus), str(out))
-    with pytest.raises(PrepareError, match=r"max_duration_s: 30\.0 -> 20\.0"):
+    with pytest.raises(cache.DatasetError, match=r"max_duration_s: 30\.0 -> 20\.0"):
         run_prepare(tiny("prepare.splits=[dev]", "prepare.max_duration_s=20"), str(corpus), str(out))
     # Layout-only settings are not part of the plan: a different file size resumes/confirms.
     run_prepare(tiny("prepare.splits=[dev]", "prepare.rows_per_file=3"), str(corpus), str(out))
