@@ -68,9 +68,38 @@ class PrepareConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Stage 2: the frozen LLM whose answers to transcripts are the distillation targets."""
+
+    # HF hub id or local directory; "tiny" builds a random Llama-3-shaped model in code (tests, demo).
+    model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    revision: str | None = None
+    # Tokenizer dir or id; defaults to `model`. Required for "tiny".
+    tokenizer: str | None = None
+    tiny_seed: int = 0
+    # Optional system turn in the template (the paper trains without one).
+    system_prompt: str | None = None
+    device: str = "cuda"  # cpu | cuda | xla
+    dtype: str = "bfloat16"  # compute dtype: float32 | bfloat16 | float16
+    target_dtype: str = "bfloat16"  # stored h_teacher: bfloat16 | float16
+    # Transcripts longer than this (in tokens, without the template) are rejected.
+    max_transcript_tokens: int = 448
+    max_tokens_per_batch: int = 16384
+    max_batch_size: int = 64
+    padding_side: str = "right"
+    # Also cache the top-k next-token ids and log-probs (for an optional KL term); 0 = off.
+    top_k: int = 0
+    # Rows handed to one actor call; bucketing happens within it, so more rows pack better.
+    rows_per_call: int = 512
+    num_actors: int = 1
+    rows_per_file: int = 4096
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

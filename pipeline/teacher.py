@@ -10,16 +10,29 @@ compute, and every result equals the single-sequence forward of the same model.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import math
 import os
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from pipeline.template import ChatTemplate
+from pipeline import cache
+from pipeline.template import ChatTemplate, TemplateError, derive_template, transcript_ids
+
+log = logging.getLogger(__name__)
 
 PaddingSide = Literal["left", "right"]
 
@@ -242,3 +255,246 @@ def _pad_batch(
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     last = torch.full_like(lengths, width - 1) if padding_side == "left" else lengths - 1
     return input_ids, attention_mask, position_ids, last
+
+
+# --- Stage 2 as a Ray Data job -------------------------------------------------------------------
+#
+# Output layout (any fsspec URL): <out>/_plan.json, <out>/targets/part-*.parquet (TARGETS_SCHEMA),
+# <out>/rejects/part-*.parquet (id, reason, detail), <out>/manifest.json (written last). Resuming
+# is by id, as in stage 1.
+
+KIND = "teacher"
+SCHEMA_VERSION = 1
+TARGETS_DIR, REJECTS_DIR = "targets", "rejects"
+TOO_LONG, EMPTY = "too_long", "empty_transcript"
+REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+_STORE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def targets_schema(top_k: int) -> pa.Schema:
+    fields = [
+        ("id", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),  # the transcript alone, no template
+        ("target", pa.binary()),  # h_teacher: H values in the manifest's target_dtype, little-endian
+    ]
+    if top_k:
+        fields += [("topk_ids", pa.list_(pa.int32())), ("topk_logprobs", pa.list_(pa.float32()))]
+    return pa.schema(fields)
+
+
+def encode_targets(hidden: np.ndarray, dtype: str) -> list[bytes]:
+    """float32 [n, H] -> one little-endian 16-bit blob per row (bf16 has no numpy dtype: go via torch)."""
+    t = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)).to(_STORE[dtype])
+    raw = t.view(torch.int16).numpy()
+    return [row.tobytes() for row in raw]
+
+
+def decode_target(blob: bytes, dtype: str) -> np.ndarray:
+    """A `target` cell -> float32 [H]."""
+    raw = torch.from_numpy(np.frombuffer(blob, dtype=np.int16).copy())
+    return raw.view(_STORE[dtype]).float().numpy()
+
+
+def _resolve(path: str | None) -> str | None:
+    """Local directories become absolute, so Ray workers with another cwd find them."""
+    return os.path.abspath(path) if path and os.path.isdir(path) else path
+
+
+def load_tokenizer(tcfg: Any):
+    from transformers import AutoTokenizer
+
+    source = tcfg.tokenizer or tcfg.model
+    if source == "tiny":
+        raise ValueError("teacher.model=tiny needs teacher.tokenizer (a tokenizer directory)")
+    return AutoTokenizer.from_pretrained(_resolve(source), revision=tcfg.revision if not tcfg.tokenizer else None)
+
+
+def load_teacher_model(tcfg: Any, vocab_size: int) -> PreTrainedModel:
+    """The frozen LLM on the configured device and dtype (the tiny one is rebuilt from its seed)."""
+    device: Any = tcfg.device
+    if device == "xla":
+        import torch_xla
+
+        device = torch_xla.device()
+    dtype = _COMPUTE[tcfg.dtype]
+    if tcfg.model == "tiny":
+        return tiny_llama(vocab_size, seed=tcfg.tiny_seed, dtype=dtype, device=device)
+    return load_llm(_resolve(tcfg.model), dtype=dtype, device=device, revision=tcfg.revision)
+
+
+def target_spec(tcfg: Any, tokenizer: Any, template: ChatTemplate) -> dict[str, Any]:
+    """What a cached target is a function of: the model, the template, and how it was stored.
+
+    A trainer compares this (built from its own LLM and tokenizer) with a cache's manifest.
+    """
+    if tcfg.model == "tiny":
+        config = {**TINY_LLAMA, "vocab_size": len(tokenizer), "seed": tcfg.tiny_seed}
+        hidden, revision = TINY_LLAMA["hidden_size"], "tiny-" + _sha(config)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(_resolve(tcfg.model), revision=tcfg.revision)
+        hidden = getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+        revision = getattr(config, "_commit_hash", None) or tcfg.revision or "local"
+    return {
+        "model": tcfg.model,
+        "revision": revision,
+        "hidden_size": int(hidden),
+        "dtype": tcfg.dtype,
+        "target_dtype": tcfg.target_dtype,
+        "top_k": tcfg.top_k,
+        "template": {"prefix_ids": list(template.prefix_ids), "suffix_ids": list(template.suffix_ids),
+                     "system_prompt": template.system_prompt, "fingerprint": template.fingerprint()},
+    }
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TargetWorker:
+    """One Ray Data actor: holds one copy of the LLM and turns batches of (id, sentence) into rows."""
+
+    def __init__(self, tcfg: Any, template_fingerprint: str):
+        self.tcfg = tcfg
+        self.tokenizer = load_tokenizer(tcfg)
+        self.template = derive_template(self.tokenizer, tcfg.system_prompt)
+        if self.template.fingerprint() != template_fingerprint:
+            raise TemplateError("the worker derived another template than the driver: is the tokenizer "
+                                "the same on every node?")
+        self.model = load_teacher_model(tcfg, len(self.tokenizer))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        self.schema = targets_schema(tcfg.top_k)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        sentences = batch.column("sentence").to_pylist()
+        rows: list[dict[str, Any]] = [{} for _ in ids]
+        keep: list[int] = []
+        token_lists: list[list[int]] = []
+        for i, (id_, text) in enumerate(zip(ids, sentences, strict=True)):
+            tokens = transcript_ids(self.tokenizer, text)
+            if not tokens:
+                rows[i] = {"id": id_, "reason": EMPTY, "detail": f"{text!r} has no tokens"}
+            elif len(tokens) > self.tcfg.max_transcript_tokens:
+                rows[i] = {"id": id_, "reason": TOO_LONG, "detail": f"{len(tokens)} tokens > "
+                           f"max_transcript_tokens {self.tcfg.max_transcript_tokens}"}
+            else:
+                keep.append(i)
+                token_lists.append(tokens)
+        if keep:
+            out = compute_targets(self.model, self.template, token_lists,
+                                  max_tokens_per_batch=self.tcfg.max_tokens_per_batch,
+                                  max_batch_size=self.tcfg.max_batch_size,
+                                  padding_side=self.tcfg.padding_side, top_k=self.tcfg.top_k, pad_id=self.pad_id)
+            blobs = encode_targets(out.hidden, self.tcfg.target_dtype)
+            for j, i in enumerate(keep):
+                rows[i] = {"id": ids[i], "token_ids": token_lists[j], "target": blobs[j]}
+                if self.tcfg.top_k:
+                    rows[i] |= {"topk_ids": out.topk_ids[j].tolist(), "topk_logprobs": out.topk_logprobs[j].tolist()}
+        schema = pa.schema(list(self.schema) + [("reason", pa.string()), ("detail", pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _mels_rows(mels_url: str, manifest: dict[str, Any]) -> pa.Table:
+    """Only `id` and `sentence` of the prepare output (Parquet reads just those columns)."""
+    fs, root = cache.filesystem(mels_url)
+    files = [cache.join(root, "mels", name) for name in manifest["files"]["mels"]]
+    tables = [pq.read_table(f, columns=["id", "sentence"], filesystem=fs) for f in files]
+    return pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string()),
+                                                                 "sentence": pa.array([], pa.string())})
+
+
+def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume, or confirm) stage 2. Returns the manifest."""
+    import ray
+
+    t0 = time.time()
+    # Workers get absolute local paths; the spec keeps the names as the user gave them.
+    tcfg = dataclasses.replace(cfg.teacher, tokenizer=_resolve(cfg.teacher.tokenizer),
+                               model=_resolve(cfg.teacher.model))
+    mels = cache.check_manifest(mels_url, kind="mels")
+    tokenizer = load_tokenizer(tcfg)
+    template = derive_template(tokenizer, tcfg.system_prompt)
+    spec = target_spec(cfg.teacher, tokenizer, template)
+    content = {"schema_version": SCHEMA_VERSION, "target": spec, "input_fingerprint": mels["fingerprint"],
+               "max_transcript_tokens": tcfg.max_transcript_tokens}
+    plan = {"fingerprint": cache.fingerprint(content), "content": content, "input": mels_url}
+    manifest = cache.begin(output_url, plan, (TARGETS_DIR, REJECTS_DIR), overwrite=overwrite)
+    if manifest:
+        log.info("%s is complete (%d targets); nothing to do", output_url, manifest["counts"]["targets"])
+        return manifest
+    done, removed = cache.done_ids(output_url, (TARGETS_DIR, REJECTS_DIR))
+    for path in removed:
+        log.warning("removed unfinished file %s (a previous run stopped while writing it)", path)
+    rows = _mels_rows(mels_url, mels)
+    todo = rows.filter(pc.invert(pc.is_in(rows.column("id"), pa.array(sorted(done), pa.string()))))
+    log.info("teacher: %d transcripts, %d already cached, %d to do (model %s on %s)",
+             rows.num_rows, rows.num_rows - todo.num_rows, todo.num_rows, tcfg.model, tcfg.device)
+    if todo.num_rows:
+        per_block = max(1, min(tcfg.rows_per_call, math.ceil(todo.num_rows / max(1, tcfg.num_actors))))
+        blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            TargetWorker, fn_constructor_kwargs={"tcfg": tcfg, "template_fingerprint": template.fingerprint()},
+            batch_size=tcfg.rows_per_call, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors),
+            num_gpus=1 if tcfg.device == "cuda" else 0, num_cpus=1)
+        ds.write_datasink(cache.split_sink(output_url, tcfg.rows_per_file, TARGETS_DIR, targets_schema(tcfg.top_k),
+                                           REJECTS_DIR, REJECTS_SCHEMA))
+    manifest = _finalize(output_url, plan, spec, tcfg, rows)
+    c = manifest["counts"]
+    log.info("teacher: %d targets, %d rejects %s in %d files; %.1f s", c["targets"], c["rejects"],
+             c["rejects_by_reason"], len(manifest["files"]["targets"]), time.time() - t0)
+    return manifest
+
+
+def _finalize(output_url: str, plan: dict[str, Any], spec: dict[str, Any], tcfg: Any,
+              rows: pa.Table) -> dict[str, Any]:
+    fs, root = cache.filesystem(output_url)
+    target_files = cache.parquet_files(fs, cache.join(root, TARGETS_DIR))
+    reject_files = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
+    ids = cache.read_column(fs, target_files, "id")
+    reject_ids = cache.read_column(fs, reject_files, "id")
+    seen = Counter(ids) + Counter(reject_ids)
+    dups = [i for i, n in seen.items() if n > 1]
+    if dups:
+        raise cache.DatasetError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
+                                 "run writing into the same output? Re-run with --overwrite")
+    missing = [i for i in rows.column("id").to_pylist() if i not in seen]
+    if missing:
+        raise cache.DatasetError(f"{output_url}: {len(missing)} transcript(s) have no output row (e.g. "
+                                 f"{missing[:3]}); re-run to finish them")
+    n_tokens = sum(len(t) for t in cache.read_column(fs, target_files, "token_ids"))
+    manifest = {
+        "kind": KIND,
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": plan["fingerprint"],
+        "target": spec,
+        "target_fingerprint": cache.fingerprint(spec),
+        "input": {"url": plan["input"], "kind": "mels", "fingerprint": plan["content"]["input_fingerprint"]},
+        "config": dataclasses.asdict(tcfg),
+        "versions": cache.versions("ray", "torch", "transformers", "tokenizers", "pyarrow"),
+        "counts": {"targets": len(ids), "transcript_tokens": n_tokens, "rejects": len(reject_ids),
+                   "rejects_by_reason": dict(Counter(cache.read_column(fs, reject_files, "reason")))},
+        "files": {"targets": [f.rsplit("/", 1)[-1] for f in target_files],
+                  "rejects": [f.rsplit("/", 1)[-1] for f in reject_files]},
+        "created_unix": int(time.time()),
+    }
+    cache.write_json(fs, cache.join(root, cache.MANIFEST), manifest)
+    return manifest
+
+
+def open_teacher(url: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Open a finished teacher cache for a later stage, refusing one made for another model/template.
+
+    `expect` is `target_spec(...)` of the model and template the caller will use; every field that
+    differs is named in the error.
+    """
+    manifest = cache.check_manifest(url, kind=KIND)
+    if expect is not None and cache.fingerprint(expect) != manifest["target_fingerprint"]:
+        diffs = cache.describe_diff(manifest["target"], expect)
+        raise cache.DatasetError(f"{url}: cached targets were made for another model/template; cached -> given: "
+                                 + "; ".join(diffs))
+    return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,37 @@ def corpus_copy(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray instance (2 CPUs) for the whole session."""
+def prepared_mels(ray_local, tmp_path_factory) -> Path:
+    """The bundled corpus through stage 1 (tiny preset), once per session; treat as read-only."""
+    from pipeline.config import load_config
+    from pipeline.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "mels"
+    run_prepare(load_config("tiny"), str(CORPUS), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """One local GCS emulator for the session; its env (endpoint, anonymous token) is in os.environ."""
+    from gcs_emulator import gcs_emulator
+
+    with gcs_emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def bucket(gcs) -> str:
+    """A fresh, empty bucket per test (name only, no gs://)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    gcs.make_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(gcs):
+    """One real local Ray instance (2 CPUs) for the whole session. It starts after the GCS emulator
+    so that its workers inherit the emulator's env, as a user's cluster inherits real credentials."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
