@@ -9,7 +9,7 @@ test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 demo: setup
-	.venv/bin/python -m jobs.prepare --config tiny --input tests/fixtures/commonvoice --output runs/demo/mels
+	.venv/bin/python -m jobs.local
 
 lint: setup
 	.venv/bin/ruff check .
