@@ -179,7 +179,8 @@ def begin(output_url: str, plan: dict[str, Any], subdirs: tuple[str, ...], *,
     """Start, resume or confirm a run writing `output_url`; `plan` = {"fingerprint", "content", ...}.
 
     Returns the manifest if the output is already complete for this plan (nothing to do), else
-    None after recording the plan. Refuses an output begun under another plan, naming what differs.
+    None after recording the plan under a new `plan["run_id"]`. Refuses an output begun under
+    another plan, naming what differs.
     """
     fs, root = filesystem(output_url)
     if overwrite and fs.exists(root):
@@ -194,8 +195,37 @@ def begin(output_url: str, plan: dict[str, Any], subdirs: tuple[str, ...], *,
         return manifest
     for sub in subdirs:
         fs.makedirs(join(root, sub), exist_ok=True)
+    # A fencing token: writers of an earlier, killed run of this plan may outlive their driver for
+    # a moment; they check it before publishing and step aside (see split_sink).
+    plan["run_id"] = uuid.uuid4().hex
     write_json(fs, join(root, PLAN), plan)
     return None
+
+
+def drop_duplicate_rows(fs: fsspec.AbstractFileSystem, files: list[str], write: Any = None) -> int:
+    """Remove rows whose id an earlier file in `files` already holds; returns how many.
+
+    A stale writer of a killed run can still publish a file just as a resumed run starts. The
+    work is deterministic, so both copies of a row are equal: keeping the first loses nothing.
+    """
+    import pyarrow.compute as pc
+
+    write = write or write_parquet
+    seen: set[str] = set()
+    removed = 0
+    for path in files:
+        ids = read_column(fs, [path], "id")
+        dup = sorted(set(ids) & seen)
+        if dup:
+            table = pq.read_table(path, filesystem=fs)
+            kept = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(dup, pa.string()))))
+            if kept.num_rows:
+                write(fs, path, kept)
+            else:
+                fs.rm(path)
+            removed += table.num_rows - kept.num_rows
+        seen.update(ids)
+    return removed
 
 
 def done_ids(output_url: str, subdirs: tuple[str, ...], *, skip: tuple[str, ...] = ()) -> tuple[set[str], list[str]]:
@@ -222,13 +252,14 @@ def split_results(table: pa.Table, good_schema: pa.Schema, reject_schema: pa.Sch
     return good, table.filter(bad).select(reject_schema.names).cast(reject_schema)
 
 
-def split_sink(output_url: str, rows_per_file: int, good_dir: str, good_schema: pa.Schema,
+def split_sink(output_url: str, run_id: str, rows_per_file: int, good_dir: str, good_schema: pa.Schema,
                reject_dir: str, reject_schema: pa.Schema, write_good: Any = None):
     """A Ray Data Datasink for per-row work whose rows are results or rejects (`reason` set).
 
     Each write task gets >= rows_per_file rows and publishes one results file and, if any, one
     rejects file under the same random name. Rejects go first: dying between the two only means
-    the results are redone.
+    the results are redone. A task whose run is no longer the output's current run (`run_id`
+    in `_plan.json`) publishes nothing.
     """
     from ray.data import Datasink
 
@@ -243,6 +274,9 @@ def split_sink(output_url: str, rows_per_file: int, good_dir: str, good_schema: 
             table = pa.concat_tables([b if isinstance(b, pa.Table) else pa.table(b) for b in blocks])
             good, rejects = split_results(table, good_schema, reject_schema)
             fs, root = filesystem(output_url)
+            current = read_json(fs, join(root, PLAN)) or {}
+            if current.get("run_id") != run_id:
+                return {"rows": 0, "rejects": 0, "stale": table.num_rows}
             name = f"part-{uuid.uuid4().hex[:16]}.parquet"
             if rejects.num_rows:
                 write_parquet(fs, join(root, reject_dir, name), rejects)

@@ -192,7 +192,7 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
 
         ds = ray.data.from_arrow(blocks).map_batches(
             featurize, batch_size=pcfg.batch_size, batch_format="pyarrow", num_cpus=1)
-        ds.write_datasink(cache.split_sink(output_url, pcfg.rows_per_file, MELS_DIR, MELS_SCHEMA,
+        ds.write_datasink(cache.split_sink(output_url, plan["run_id"], pcfg.rows_per_file, MELS_DIR, MELS_SCHEMA,
                                            REJECTS_DIR, REJECTS_SCHEMA, write_mels))
 
     manifest = finalize(cfg, output_url, plan, sel)
@@ -206,12 +206,20 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
 def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selection) -> dict[str, Any]:
     """Check the finished output (every selected row accounted for exactly once) and write the manifest."""
     fs, root = cache.filesystem(output_url)
-    mel_files = cache.parquet_files(fs, cache.join(root, MELS_DIR))
-    reject_files = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
+
+    def listing() -> tuple[list[str], list[str], list[str]]:
+        mels = cache.parquet_files(fs, cache.join(root, MELS_DIR))
+        rejects = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
+        return mels, rejects, [f for f in rejects if not f.endswith(ROW_REJECTS_FILE)]
+
+    mel_files, reject_files, clip_reject_files = listing()
+    repaired = cache.drop_duplicate_rows(fs, mel_files, write_mels) + cache.drop_duplicate_rows(fs, clip_reject_files)
+    if repaired:
+        log.warning("removed %d duplicate row(s) published by a stale writer of an earlier run", repaired)
+        mel_files, reject_files, clip_reject_files = listing()
     ids = cache.read_column(fs, mel_files, "id")
     splits = cache.read_column(fs, mel_files, "split")
     durations = cache.read_column(fs, mel_files, "duration_s")
-    clip_reject_files = [f for f in reject_files if not f.endswith(ROW_REJECTS_FILE)]
     reject_ids = cache.read_column(fs, reject_files, "id")
     reasons = cache.read_column(fs, reject_files, "reason")
     # Each selected clip must end up in exactly one place: a mels row or a clip reject.

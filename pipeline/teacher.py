@@ -441,8 +441,8 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
             batch_size=tcfg.rows_per_call, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors),
             num_gpus=1 if tcfg.device == "cuda" else 0, num_cpus=1)
-        ds.write_datasink(cache.split_sink(output_url, tcfg.rows_per_file, TARGETS_DIR, targets_schema(tcfg.top_k),
-                                           REJECTS_DIR, REJECTS_SCHEMA))
+        ds.write_datasink(cache.split_sink(output_url, plan["run_id"], tcfg.rows_per_file, TARGETS_DIR,
+                                           targets_schema(tcfg.top_k), REJECTS_DIR, REJECTS_SCHEMA))
     manifest = _finalize(output_url, plan, spec, tcfg, rows)
     c = manifest["counts"]
     log.info("teacher: %d targets, %d rejects %s in %d files; %.1f s", c["targets"], c["rejects"],
@@ -453,6 +453,10 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
 def _finalize(output_url: str, plan: dict[str, Any], spec: dict[str, Any], tcfg: Any,
               rows: pa.Table) -> dict[str, Any]:
     fs, root = cache.filesystem(output_url)
+    repaired = sum(cache.drop_duplicate_rows(fs, cache.parquet_files(fs, cache.join(root, sub)))
+                   for sub in (TARGETS_DIR, REJECTS_DIR))
+    if repaired:
+        log.warning("removed %d duplicate row(s) published by a stale writer of an earlier run", repaired)
     target_files = cache.parquet_files(fs, cache.join(root, TARGETS_DIR))
     reject_files = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
     ids = cache.read_column(fs, target_files, "id")
