@@ -96,10 +96,33 @@ class TeacherConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The student: Whisper encoder (frozen) -> Q-Former (Whisper decoder copy) -> projection -> LLM.
+
+    The frozen LLM and its template are the teacher's (`teacher.model`, `teacher.tokenizer`, ...),
+    so student and cached targets always agree.
+    """
+
+    # HF id or local dir of a Whisper checkpoint, or "tiny" (random, built in code).
+    whisper: str = "openai/whisper-large-v3"
+    whisper_revision: str | None = None
+    tiny_whisper_seed: int = 0
+    # Learned query vectors fed to the Q-Former; Whisper's decoder has 448 positions.
+    num_queries: int = 448
+    query_init_std: float = 0.02
+    # "default" (nn.Linear init) or "mean_embedding": bias = the LLM's mean token embedding, so the
+    # virtual tokens start where text tokens live (the reference model's later version).
+    projection_init: str = "default"
+    # Which parts train: any of queries, qformer, projection.
+    trainable: list[str] = field(default_factory=lambda: ["queries", "qformer", "projection"])
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
