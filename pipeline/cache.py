@@ -77,7 +77,7 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict[str, Any]) ->
     """Write whole or not at all: object stores publish an upload only when it completes, and on
     a POSIX filesystem we write a temporary file and rename it."""
     data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
@@ -88,7 +88,7 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict[str, Any]) ->
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, **kwargs: Any) -> None:
     """One Parquet file, published whole (see `write_json`)."""
     kwargs.setdefault("compression", "zstd")
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}"
         pq.write_table(table, tmp, filesystem=fs, **kwargs)
         fs.mv(tmp, path)
@@ -96,7 +96,7 @@ def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, **k
         pq.write_table(table, path, filesystem=fs, **kwargs)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
 
