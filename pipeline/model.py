@@ -1,0 +1,277 @@
+"""The DiVA student: Whisper encoder (frozen) -> Q-Former (a copy of the Whisper decoder) -> projection
+-> frozen LLM (paper section 3.1, DESIGN.md section 2).
+
+    input_features [B, n_mels, 3000]
+      -> encoder (frozen, no grad)                              A       [B, 1500, d]
+      -> qformer(inputs_embeds=queries, cross-attends to A)             [B, Q, d]
+      -> projection d -> H                                      t_audio [B, Q, H]  ("virtual tokens")
+      -> llm.base_model(embed(prefix) ++ t_audio ++ embed(suffix))[:, -1]   h_student [B, H]
+
+The Q-Former starts as the pretrained Whisper decoder, all weights copied (the paper's key
+initialisation): its cross-attention already maps audio features to text-like tokens. Only the query
+vectors, the Q-Former and the projection train. The frozen LLM is the teacher's own model, so
+h_student and the cached h_teacher come out of the same weights (the premise of the paper's Lemma 1).
+Every shape is static: Q queries, a [n_mels, 3000] encoder input and len(prefix) + Q + len(suffix)
+LLM positions, whatever the transcript.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
+    WhisperModel,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from pipeline.config import Config, ModelConfig
+from pipeline.teacher import load_teacher_model, load_tokenizer
+from pipeline.template import ChatTemplate, derive_template
+
+TRAINABLE_PARTS = ("queries", "qformer", "projection")
+PROJECTION_INITS = ("default", "mean_embedding")
+MEAN_INIT_SPREAD = 0.1
+
+# Whisper-large-v3's layout (128 mel bins, 1500 encoder / 448 decoder positions, its vocabulary) at a
+# width and depth that runs in milliseconds on a CPU: for tests and the local default.
+TINY_WHISPER: dict[str, Any] = {
+    "vocab_size": 51866,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+}
+
+
+def tiny_whisper(seed: int = 0, n_mels: int = 128, **config_overrides: Any) -> WhisperForConditionalGeneration:
+    """A random-initialised Whisper (encoder input [n_mels, 3000]) in eval mode. The same seed gives
+    the same weights; the global RNG is untouched."""
+    config = WhisperConfig(num_mel_bins=n_mels, **{**TINY_WHISPER, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WhisperForConditionalGeneration(config)
+    return model.eval()
+
+
+def load_whisper(
+    id_or_dir: str | os.PathLike[str],
+    revision: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> WhisperForConditionalGeneration:
+    """A real Whisper checkpoint (hub id or local directory), in eval mode."""
+    model = WhisperForConditionalGeneration.from_pretrained(os.fspath(id_or_dir), revision=revision, dtype=dtype)
+    return model.to(device).eval()
+
+
+def student_whisper(
+    mcfg: ModelConfig, n_mels: int = 128, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> WhisperForConditionalGeneration:
+    """The pretrained Whisper a student starts from: its encoder is used as is, its decoder copied into
+    the Q-Former. Deterministic, so a test can rebuild it and compare."""
+    if mcfg.whisper == "tiny":
+        return tiny_whisper(mcfg.tiny_whisper_seed, n_mels).to(device=device, dtype=dtype)
+    return load_whisper(mcfg.whisper, mcfg.whisper_revision, dtype, device)
+
+
+class DiVA(nn.Module):
+    """Encoder + Q-Former + projection + frozen LLM. See the module docstring for the data flow."""
+
+    def __init__(
+        self,
+        whisper: WhisperForConditionalGeneration | WhisperModel,
+        llm: PreTrainedModel,
+        template: ChatTemplate,
+        cfg: ModelConfig,
+        *,
+        seed: int = 0,
+    ):
+        super().__init__()
+        unknown = sorted(set(cfg.trainable) - set(TRAINABLE_PARTS))
+        if unknown:
+            raise ValueError(f"model.trainable: unknown part(s) {unknown}; valid: {list(TRAINABLE_PARTS)}")
+        if cfg.projection_init not in PROJECTION_INITS:
+            raise ValueError(f"model.projection_init: {cfg.projection_init!r} is not one of {list(PROJECTION_INITS)}")
+        whisper_base = whisper.base_model  # WhisperModel, whether given that or WhisperForConditionalGeneration
+        decoder = whisper_base.decoder
+        if not 1 <= cfg.num_queries <= decoder.max_target_positions:
+            raise ValueError(f"model.num_queries={cfg.num_queries}: the Whisper decoder has "
+                             f"{decoder.max_target_positions} positions, so 1..{decoder.max_target_positions}")
+        self.cfg = cfg
+        self.template = template
+        self.activation_checkpointing = False
+
+        self.encoder = whisper_base.encoder.requires_grad_(False)
+        # The paper's initialisation: every decoder weight, copied. The queries replace its token inputs,
+        # so the token-embedding table (and the output head tied to it) is dropped, never trained.
+        self.qformer = copy.deepcopy(decoder)
+        self.qformer.embed_tokens = None
+        self.llm = llm.requires_grad_(False)
+
+        d = decoder.config.d_model
+        embeddings = llm.get_input_embeddings()
+        self.hidden_size = embeddings.embedding_dim
+        like = {"device": decoder.layer_norm.weight.device, "dtype": decoder.layer_norm.weight.dtype}
+        with torch.random.fork_rng(devices=[]):  # seeded, on the CPU, whatever the device: reproducible
+            torch.manual_seed(seed)
+            queries = torch.randn(cfg.num_queries, d) * cfg.query_init_std
+            projection = nn.Linear(d, self.hidden_size)
+            if cfg.projection_init == "mean_embedding":
+                _init_at_mean_embedding(projection, embeddings.weight)
+        self.queries = nn.Parameter(queries.to(**like))
+        self.projection = projection.to(**like)
+
+        ids = {"dtype": torch.long, "device": embeddings.weight.device}
+        self.register_buffer("prefix_ids", torch.tensor(template.prefix_ids, **ids), persistent=False)
+        self.register_buffer("suffix_ids", torch.tensor(template.suffix_ids, **ids), persistent=False)
+
+        for part in TRAINABLE_PARTS:
+            getattr(self, part).requires_grad_(part in cfg.trainable)
+        self.train()
+
+    # -- modes and parameters ---------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> DiVA:
+        """The encoder and the LLM stay in eval mode: frozen parts never use dropout."""
+        super().train(mode)
+        self.encoder.eval()
+        self.llm.eval()
+        if mode and self.activation_checkpointing:
+            # HF checkpoints a layer only when that layer module is in training mode. Flip only the
+            # layer modules themselves: their attention/MLP children (which hold any dropout) stay in eval.
+            for module in self.llm.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = True
+        return self
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the LLM's layer activations in the backward pass instead of storing them (the LLM
+        pass over len(prefix) + Q + len(suffix) positions dominates memory). Non-reentrant, so the
+        gradient reaches the virtual tokens without any input needing requires_grad."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # HF also hooks the embedding table so its outputs require grad (needed only for reentrant
+        # checkpointing); that would make text_embeddings() build graphs for nothing.
+        self.llm.disable_input_require_grads()
+        self.activation_checkpointing = True
+        self.train(self.training)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Name -> parameter for what trains (for the optimizer and for checkpoints: never the LLM)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's trainable weights in; the names must match trainable_parameters() exactly."""
+        params = self.trainable_parameters()
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"trainable weights do not match this model: missing {missing[:5]} "
+                             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        for name, p in params.items():
+            if state[name].shape != p.shape:
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} in the checkpoint, {tuple(p.shape)} here")
+            p.copy_(state[name])
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """The student's LLM sequence length: len(prefix) + Q + len(suffix), the same for every example."""
+        return len(self.template.prefix_ids) + self.num_queries + len(self.template.suffix_ids)
+
+    # -- the forward pass -------------------------------------------------------------------------
+
+    def virtual_tokens(self, input_features: torch.Tensor) -> torch.Tensor:
+        """t_audio: log-Mel [B, n_mels, 3000] -> [B, Q, H] in the projection's dtype."""
+        with torch.no_grad():
+            audio = self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
+        # Expand the queries to the batch: Whisper's cross-attention views keys/values with the
+        # *query's* batch size, so one unexpanded query set against B encoder outputs would silently
+        # attend over all B clips at once.
+        queries = self.queries.unsqueeze(0).expand(audio.shape[0], -1, -1)
+        # inputs_embeds: the decoder adds its own positional embeddings and keeps causal self-attention.
+        # use_cache=False: the config's default would build a KV cache on every training step.
+        hidden = self.qformer(inputs_embeds=queries, encoder_hidden_states=audio.to(queries.dtype),
+                              use_cache=False).last_hidden_state
+        return self.projection(hidden)
+
+    def student_inputs(self, virtual: torch.Tensor) -> torch.Tensor:
+        """embed(prefix) ++ virtual ++ embed(suffix): [B, len(prefix) + Q + len(suffix), H] in the LLM's dtype."""
+        embed = self.llm.get_input_embeddings()
+        batch = virtual.shape[0]
+        prefix = embed(self.prefix_ids).unsqueeze(0).expand(batch, -1, -1)
+        suffix = embed(self.suffix_ids).unsqueeze(0).expand(batch, -1, -1)
+        return torch.cat([prefix, virtual.to(prefix.dtype), suffix], dim=1)
+
+    def student_hidden(self, virtual: torch.Tensor) -> torch.Tensor:
+        """h_student [B, H]: the LLM's last hidden state after the final norm (the LM head's input) at
+        the last position, the one that predicts the first response token. Not under no_grad: the
+        LLM's weights are frozen, but the gradient must flow through it to the virtual tokens."""
+        out = self.llm.base_model(inputs_embeds=self.student_inputs(virtual), use_cache=False)
+        return out.last_hidden_state[:, -1]
+
+    @torch.no_grad()
+    def text_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """t_text: the LLM's input embeddings of token ids [B, N] -> [B, N, H] (alignment targets)."""
+        return self.llm.get_input_embeddings()(token_ids)
+
+    def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_audio [B, Q, H], h_student [B, H]): what the alignment and distillation losses need."""
+        virtual = self.virtual_tokens(input_features)
+        return virtual, self.student_hidden(virtual)
+
+
+@torch.no_grad()
+def _init_at_mean_embedding(projection: nn.Linear, table: torch.Tensor) -> None:
+    """bias = the mean row of the LLM's embedding table, so the virtual tokens start where text tokens
+    live rather than at nn.Linear's O(1) outputs, far outside the LLM's input distribution. The weights
+    are small, not zero (zero would block the Q-Former's first gradients): for a roughly unit Q-Former
+    output the tokens spread around the mean by MEAN_INIT_SPREAD of the text embeddings' own spread."""
+    mean, std = _embedding_stats(table)
+    projection.weight.normal_(0.0, MEAN_INIT_SPREAD * std / math.sqrt(projection.in_features))
+    projection.bias.copy_(mean)
+
+
+@torch.no_grad()
+def _embedding_stats(table: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, float]:
+    """Mean row (float32 [H], on the CPU) and per-coordinate std of an embedding table, in row chunks
+    so that a 128k x 4096 bf16 table is never copied whole to float32."""
+    mean = sum(rows.float().sum(0) for rows in table.split(chunk)) / table.shape[0]
+    sq = sum(float((rows.float() - mean).pow(2).sum()) for rows in table.split(chunk))
+    return mean.cpu(), math.sqrt(sq / table.numel())
+
+
+def build_student(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None, *, seed: int = 0, device: str | None = None
+) -> DiVA:
+    """The student for a run: the configured Whisper, and the teacher's own LLM and chat template
+    (the tiny LLM is rebuilt from the teacher's seed, so it is exactly the model behind the cache).
+    `device` overrides teacher.device (a training worker's device); Whisper follows the LLM's device
+    and dtype."""
+    tcfg = dataclasses.replace(cfg.teacher, device=device) if device else cfg.teacher
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tcfg)
+    llm = load_teacher_model(tcfg, len(tokenizer))
+    whisper = student_whisper(cfg.model, cfg.features.n_mels, dtype=llm.dtype, device=llm.device)
+    return DiVA(whisper, llm, derive_template(tokenizer, tcfg.system_prompt), cfg.model, seed=seed)
