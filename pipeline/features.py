@@ -116,10 +116,13 @@ def log_mel(audio: np.ndarray, cfg: FeatureConfig, filters: torch.Tensor | None 
     # (which in the padded input reflects zeros); a full-length clip is the padded input itself.
     length = min(cfg.n_samples, n * cfg.hop_length + cfg.n_fft // 2)
     wave = torch.nn.functional.pad(torch.from_numpy(np.asarray(audio, dtype=np.float32)), (0, length - len(audio)))
-    stft = torch.stft(wave, cfg.n_fft, cfg.hop_length, window=_window(cfg.n_fft), return_complex=True)
-    spec = torch.view_as_real(stft[:, :n])
-    power = spec[..., 0].square() + spec[..., 1].square()  # |X|^2 without abs()'s square root
-    log_spec = (filters @ power).clamp_(min=1e-10).log10_()
+    # torch.stft(center=True) by hand: reflect-pad, frame, window, rFFT. Frames come out as rows,
+    # so |X|^2 reads contiguous memory (no square root, no strided complex view).
+    half = cfg.n_fft // 2
+    padded = torch.nn.functional.pad(wave[None, None], (half, half), mode="reflect")[0, 0]
+    frames = padded.unfold(0, cfg.n_fft, cfg.hop_length)[:n] * _window(cfg.n_fft)
+    power = torch.view_as_real(torch.fft.rfft(frames)).square().sum(-1)  # [n, n_fft/2 + 1]
+    log_spec = (filters @ power.T).clamp_(min=1e-10).log10_()
     floor = log_spec.max() - 8.0
     log_spec = torch.maximum(log_spec, floor, out=log_spec).add_(4.0).div_(4.0)
     # A frame of pure padding has power 0: clamp and log it with the same float32 ops the
@@ -138,7 +141,8 @@ def restore(frames: np.ndarray, pad_value: float, n_frames: int = 3000) -> np.nd
 
 def to_bytes(frames: np.ndarray) -> bytes:
     """Storage layout of the `mel` column: float16, [n_mels, num_frames], row-major."""
-    return np.ascontiguousarray(frames, dtype=np.float16).tobytes()
+    # torch's float32 -> float16 cast is ~10x numpy's; same IEEE round-to-nearest-even result.
+    return torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).half().numpy().tobytes()
 
 
 def from_bytes(data: bytes, n_mels: int) -> np.ndarray:
