@@ -118,11 +118,45 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Stage 3: the optimisation (the paper's: AdamW 5e-5, wd 0.1, 1% warmup, cosine to 0, batch 512)."""
+
+    device: str = "cpu"  # cpu | cuda | xla
+    num_workers: int = 1
+    # Examples per optimizer step over all workers; micro-batches accumulate to it, so the
+    # trajectory does not depend on the worker count.
+    global_batch_size: int = 512
+    micro_batch_size: int = 8
+    steps: int = 4300
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_frac: float = 0.01
+    grad_clip: float = 1.0
+    w_distill: float = 1.0
+    w_align: float = 1.0
+    # "sum" over a transcript's tokens (paper Eq. 1) or "token_mean" (the released code's scaling).
+    align_reduction: str = "sum"
+    dtype: str = "float32"  # float32 | bfloat16 (frozen encoder/LLM; trainable weights stay float32)
+    activation_checkpointing: bool = False
+    split: str = "train"
+    shuffle: bool = True
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    # Stop (after a checkpoint) at this step without changing the schedule; resubmit to go on.
+    stop_at_step: int | None = None
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,6 +236,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and isinstance(value, bool):

@@ -301,6 +301,12 @@ def _resolve(path: str | None) -> str | None:
     return os.path.abspath(path) if path and os.path.isdir(path) else path
 
 
+def for_workers(tcfg: Any) -> Any:
+    """The teacher config with local model/tokenizer directories made absolute: Ray workers and
+    actors do not share the driver's working directory."""
+    return dataclasses.replace(tcfg, tokenizer=_resolve(tcfg.tokenizer), model=_resolve(tcfg.model))
+
+
 def load_tokenizer(tcfg: Any):
     from transformers import AutoTokenizer
 
@@ -413,8 +419,7 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
 
     t0 = time.time()
     # Workers get absolute local paths; the spec keeps the names as the user gave them.
-    tcfg = dataclasses.replace(cfg.teacher, tokenizer=_resolve(cfg.teacher.tokenizer),
-                               model=_resolve(cfg.teacher.model))
+    tcfg = for_workers(cfg.teacher)
     mels = cache.check_manifest(mels_url, kind="mels")
     tokenizer = load_tokenizer(tcfg)
     template = derive_template(tokenizer, tcfg.system_prompt)

@@ -18,6 +18,7 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.prepare.splits == ["dev"]
     assert cfg.prepare.max_duration_s == 20.0 and isinstance(cfg.prepare.max_duration_s, float)
     assert cfg.prepare.max_down_votes is None
+    assert load_config("tiny", ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
 @pytest.mark.parametrize("override, message", [
