@@ -1,0 +1,30 @@
+"""Stage 3: `python -m jobs.train --config <preset|yaml> --mels <...> --teacher <...> --output <...> [k=v ...]`.
+
+Resubmitting the same command resumes from the latest checkpoint under <output>/train.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jobs import _common
+
+
+def run() -> int:
+    p = _common.parser(__doc__)
+    p.add_argument("--mels", required=True, help="the prepare stage's output (local or gs://)")
+    p.add_argument("--teacher", required=True, help="the teacher stage's cache (local or gs://)")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, logs (local or gs://)")
+    args = p.parse_args()
+    cfg = _common.config(args)
+    _common.init_ray()
+    from pipeline.train import run_training
+
+    result = run_training(cfg, args.mels, args.teacher, args.output)
+    print(json.dumps({"output": args.output, "metrics": result.metrics,
+                      "checkpoint": result.checkpoint.path if result.checkpoint else None}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    _common.main(run)
