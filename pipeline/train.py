@@ -251,9 +251,9 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     tokenizer = load_tokenizer(cfg.teacher)
     expect = target_spec(cfg.teacher, tokenizer, derive_template(tokenizer, cfg.teacher.system_prompt))
     tcfg = cfg.train
-    ds, counts = training_dataset(mels_url, teacher_url, expect=expect, split=tcfg.split,
+    ds, info = training_dataset(mels_url, teacher_url, expect=expect, split=tcfg.split,
                                   shuffle_seed=tcfg.seed if tcfg.shuffle else None)
-    log.info("train: data %s", counts)
+    log.info("train: %s", info["counts"])
     fs, root = cache.filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
     storage = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
