@@ -1,0 +1,227 @@
+"""Ask: answer a spoken question with a DiVA model, token by token (no Ray: the pure core of jobs.ask).
+
+Audio front end: any file libsndfile decodes (MP3, WAV, FLAC, OGG) at any sample rate and channel
+count -> 16 kHz mono -> the padded [1, n_mels, 3000] log-Mel, through the very code the prepare
+stage runs (`pipeline.prepare.featurize_clip` + `features.restore_row`, float16 round trip
+included), so a question reaches the encoder exactly as the training clips did, and passes the same
+checks. A clip over 30 s is rejected, not chunked: the model reads one 30 s window and was trained
+only on clips that fit in one (prepare rejects longer ones), and cutting a question short would
+answer a different question.
+
+Generation: the first step runs the LLM on embed(prefix) ++ virtual tokens ++ embed(suffix) and
+keeps its KV cache (transformers' DynamicCache); every later step feeds one token. Greedy by
+default, temperature sampling on request. An optional instruction is rendered as the system turn of
+the tokenizer's chat template (the reference model's `generate(audio, text_prompt)` puts it there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from pipeline import PipelineError, cache, features
+from pipeline import commonvoice as cv
+from pipeline.config import FeatureConfig, PrepareConfig
+from pipeline.model import DiVA
+from pipeline.template import ChatTemplate, derive_template
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class AskError(PipelineError, ValueError):
+    """A request that cannot be answered as given (bad arguments)."""
+
+
+class AudioError(PipelineError, ValueError):
+    """An audio file that cannot be used; the message names the file and the reason."""
+
+
+class UnreadableAudio(AudioError):
+    """Missing, zero-byte, truncated or undecodable file."""
+
+
+class EmptyAudio(AudioError):
+    """Decodes, but holds no usable sound: no samples, too short, or silent."""
+
+
+class AudioTooLong(AudioError):
+    """Longer than the one 30 s window the model reads."""
+
+
+_ERRORS = {cv.EMPTY_FILE: UnreadableAudio, cv.UNDECODABLE: UnreadableAudio, cv.EMPTY_AUDIO: EmptyAudio,
+           cv.TOO_SHORT: EmptyAudio, cv.SILENT: EmptyAudio, cv.TOO_LONG: AudioTooLong}
+
+
+def load_audio(path: str | os.PathLike[str], fcfg: FeatureConfig | None = None,
+               checks: PrepareConfig | None = None) -> torch.Tensor:
+    """An audio file (local path or fsspec URL) -> the encoder input [1, n_mels, n_frames] (float32),
+    as the prepare stage computes it; `checks` holds its duration and silence limits (the model
+    directory records the ones training used), the longest clip capped at one window."""
+    from pipeline.prepare import featurize_clip
+
+    fcfg = fcfg or FeatureConfig()
+    checks = checks or PrepareConfig()
+    checks = dataclasses.replace(checks, max_duration_s=min(checks.max_duration_s, float(fcfg.chunk_length_s)))
+    name = os.fspath(path)
+    fs, root = cache.filesystem(name)
+    if cache.is_local(fs):
+        if not os.path.exists(root):
+            raise UnreadableAudio(f"{name}: no such file")
+        if os.path.isdir(root):
+            raise UnreadableAudio(f"{name}: is a directory, not an audio file")
+        data: bytes | str = root
+    else:
+        try:
+            data = fs.cat_file(root)
+        except FileNotFoundError:
+            raise UnreadableAudio(f"{name}: no such file") from None
+    row = featurize_clip({}, data, fcfg, checks)
+    if row.get("reason"):
+        error = _ERRORS.get(row["reason"], UnreadableAudio)
+        hint = " (the model reads one 30 s window; trim or split the clip)" if error is AudioTooLong else ""
+        raise error(f"{name}: {row['reason'].replace('_', ' ')}: {row['detail']}{hint}")
+    return torch.from_numpy(features.restore_row(row["mel"], row["mel_pad_value"], fcfg)).unsqueeze(0)
+
+
+# --- the prompt -----------------------------------------------------------------------------------------
+
+
+def prompt_template(model: DiVA, tokenizer: Any, prompt: str | None = None) -> ChatTemplate:
+    """The template around the virtual tokens: the model's own, or with `prompt` as the system turn."""
+    if prompt is None or not prompt.strip():
+        return model.template
+    return derive_template(tokenizer, prompt)
+
+
+def llm_inputs(model: DiVA, template: ChatTemplate, input_features: torch.Tensor) -> torch.Tensor:
+    """embed(prefix) ++ virtual tokens ++ embed(suffix): [1, len(prefix) + Q + len(suffix), H]."""
+    input_features = _features(model, input_features)
+    was_training = model.training
+    model.eval()  # no Q-Former dropout at inference, whatever mode the caller left the model in
+    try:
+        with torch.inference_mode():
+            virtual = model.virtual_tokens(input_features)
+            embed = model.llm.get_input_embeddings()
+            device = embed.weight.device
+            prefix = embed(torch.tensor([template.prefix_ids], dtype=torch.long, device=device))
+            suffix = embed(torch.tensor([template.suffix_ids], dtype=torch.long, device=device))
+            return torch.cat([prefix, virtual.to(device=device, dtype=prefix.dtype), suffix], dim=1)
+    finally:
+        model.train(was_training)
+
+
+def _features(model: DiVA, input_features: torch.Tensor) -> torch.Tensor:
+    if input_features.ndim == 2:
+        input_features = input_features.unsqueeze(0)
+    conv = model.encoder.conv1
+    expected = (1, conv.in_channels, model.encoder.config.max_source_positions * 2)
+    if tuple(input_features.shape) != expected:
+        raise AskError(f"input_features: shape {tuple(input_features.shape)}, this model reads {expected} "
+                       "(one clip: use load_audio)")
+    return input_features.to(conv.weight.device)
+
+
+def stop_ids(model: DiVA, tokenizer: Any, template: ChatTemplate) -> set[int]:
+    """Ids that end the answer: the tokenizer's eos; the template's end-of-turn token (the suffix's
+    first token when it is a special token, e.g. Llama 3's <|eot_id|>, ChatML's <|im_end|>); and the
+    eos ids a pretrained checkpoint declares in its generation_config.json (not the placeholder
+    defaults of a model built in code)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    if template.suffix_ids and (template.suffix_ids[0] in added and added[template.suffix_ids[0]].special):
+        ids.add(int(template.suffix_ids[0]))
+    generation = getattr(model.llm, "generation_config", None)
+    if generation is not None and not getattr(generation, "_from_model_config", True):
+        eos = generation.eos_token_id
+        ids.update(int(i) for i in ([eos] if isinstance(eos, int) else eos or []))
+    return ids
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+
+def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor, *, prompt: str | None = None,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+             seed: int | None = None) -> Iterator[int]:
+    """Token ids of the answer, one at a time, as the LLM produces them (KV cache). Ends after a stop
+    token (which is yielded last, as the reference model keeps it; decode with
+    skip_special_tokens=True) or after `max_new_tokens`. temperature 0 is greedy; above 0, samples
+    from softmax(logits / temperature) with a generator seeded by `seed` (None: fresh entropy)."""
+    if max_new_tokens < 1:
+        raise AskError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    if not temperature >= 0.0:
+        raise AskError(f"temperature must be >= 0, not {temperature}")
+    template = prompt_template(model, tokenizer, prompt)
+    embeds = llm_inputs(model, template, input_features)
+    limit = getattr(model.llm.config, "max_position_embeddings", None)
+    if limit is not None and embeds.shape[1] + max_new_tokens > limit:
+        raise AskError(f"{embeds.shape[1]} prompt positions + max_new_tokens {max_new_tokens} exceed the LLM's "
+                       f"{limit} positions")
+    return _decode(model, embeds, stop_ids(model, tokenizer, template), max_new_tokens, temperature, seed)
+
+
+def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: int, temperature: float,
+            seed: int | None) -> Iterator[int]:
+    from transformers import DynamicCache
+
+    llm = model.llm
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=embeds.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+    with torch.inference_mode():
+        cache_ = DynamicCache(config=llm.config)
+        # logits_to_keep=1: the LM head runs on the last position only, not on all ~458 of the prompt.
+        out = llm(inputs_embeds=embeds, past_key_values=cache_, use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            logits = out.logits[0, -1].float()
+            if generator is None:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            yield token
+            if token in stops:
+                return
+            step = torch.tensor([[token]], dtype=torch.long, device=embeds.device)
+            out = llm(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+
+
+def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:
+    """Decoded text as it grows, in pieces that add up to decode(all ids, skip_special_tokens=True).
+    A piece is held back while the text ends in a partial UTF-8 character (a byte-level token that
+    splits one) or while decoding rewrote earlier text."""
+    ids: list[int] = []
+    shown = ""
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text != shown:
+        if text.startswith(shown):
+            yield text[len(shown):]
+        else:  # cannot un-print: say so rather than print a garbled total
+            warnings.warn("decoded text changed after it was streamed; the final text is "
+                          f"{text!r}", stacklevel=2)
+
+
+def answer(model: DiVA, tokenizer: Any, audio: str | os.PathLike[str], *, prompt: str | None = None,
+           fcfg: FeatureConfig | None = None, checks: PrepareConfig | None = None, **kwargs: Any) -> str:
+    """The whole answer to one audio file, as text (kwargs go to `generate`)."""
+    ids = list(generate(model, tokenizer, load_audio(audio, fcfg, checks), prompt=prompt, **kwargs))
+    return tokenizer.decode(ids, skip_special_tokens=True)

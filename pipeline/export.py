@@ -1,0 +1,381 @@
+"""Export: a training checkpoint -> a self-contained model directory that inference loads.
+
+A training checkpoint (pipeline.train) holds only what trains, under our own module names, plus
+the optimizer and the run's config. The export directory holds what inference needs, in the layout
+of the released reference model (WillHeld/DiVA-llama-3-v0-8b, `modeling_diva.py`):
+
+    <out>/model.safetensors   query_tokens        [Q, d]
+                              projection.weight   [d, H]  (in x out: the reference loads it with `.T`)
+                              projection.bias     [H]
+                              connector.<name>    every WhisperDecoder state-dict entry (the Q-Former),
+                                                  embed_tokens.weight included: the reference loads the
+                                                  connector with a strict `load_state_dict`. It is the
+                                                  base Whisper's table, unused by the Q-Former.
+    <out>/config.json         what rebuilds the rest (written last: its presence means complete):
+                              the Whisper and LLM checkpoints and revisions (or, for `tiny`, the seeds
+                              and the exact config the random models are built from), Q, d, H, the
+                              chat template's prefix/suffix ids and system prompt, the audio front end
+    <out>/tokenizer*          the LLM's tokenizer (save_pretrained), chat template included
+
+Loading adds the frozen base weights (Whisper encoder, LLM) named in config.json. An instruction
+given at inference is rendered as the system turn of the tokenizer's chat template, as the reference
+model's `generate(audio, text_prompt)` does (it replaces the export's own system prompt, if any).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pipeline import PipelineError, cache
+from pipeline.config import Config, FeatureConfig, ModelConfig, PrepareConfig, from_dict
+from pipeline.model import TINY_WHISPER, TRAINABLE_PARTS, DiVA, build_student, load_whisper, student_whisper
+from pipeline.teacher import TINY_LLAMA, load_llm, load_tokenizer, tiny_llama
+from pipeline.template import ChatTemplate, TemplateError, derive_template
+
+log = logging.getLogger(__name__)
+
+FORMAT = "diva-ray-export"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+CHECKPOINT_WEIGHTS, CHECKPOINT_STATE = "trainable.safetensors", "state.json"
+# What a model directory cannot do without (the tokenizer's other files depend on its kind).
+REQUIRED_FILES = (CONFIG, WEIGHTS, "tokenizer_config.json")
+CONNECTOR = "connector."
+
+
+class ExportError(PipelineError):
+    """A checkpoint that cannot be exported (not found, incomplete, or an output in the way)."""
+
+
+class ModelDirError(PipelineError):
+    """A model directory that is missing, incomplete or inconsistent."""
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(url: str) -> str:
+    """A checkpoint directory itself, or the latest complete one under a run directory
+    (<run>/train/checkpoint_*, where Ray Train keeps them) or a Ray Train run directory
+    (<run>/train). Latest = highest step in its state.json, then the latest name (Ray names them
+    checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>). Directories missing a file are skipped: an upload
+    interrupted by a crash."""
+    fs, root = cache.filesystem(url)
+    if fs.exists(cache.join(root, CHECKPOINT_WEIGHTS)):
+        return url
+    candidates: list[tuple[int, str, str]] = []
+    for base in (root, cache.join(root, "train")):
+        if not fs.isdir(base):
+            continue
+        for path in fs.ls(base, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if not name.startswith("checkpoint_") or not fs.isdir(path):
+                continue
+            state = cache.read_json(fs, cache.join(path, CHECKPOINT_STATE))
+            if state is None or not fs.exists(cache.join(path, CHECKPOINT_WEIGHTS)):
+                log.warning("skipping incomplete checkpoint %s", path)
+                continue
+            candidates.append((int(state.get("state", {}).get("step", -1)), name, path))
+    if not candidates:
+        raise ExportError(f"{url}: no checkpoint here: expected {CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE} in it, "
+                          f"or complete checkpoint_* directories in it or in its train/ directory")
+    _, _, path = max(candidates)
+    return _with_protocol(url, fs, path)
+
+
+def _with_protocol(url: str, fs: Any, path: str) -> str:
+    return path if cache.is_local(fs) and "://" not in url else fs.unstrip_protocol(path)
+
+
+def _fetch_checkpoint(url: str, into: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """(trainable weights, state.json, sha256 of the weights file) of one checkpoint directory."""
+    from safetensors.torch import load_file
+
+    fs, root = cache.filesystem(url)
+    local = os.path.join(into, CHECKPOINT_WEIGHTS)
+    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
+        if not fs.exists(cache.join(root, name)):
+            raise ExportError(f"{url}: incomplete checkpoint: {name} is missing")
+    fs.get(cache.join(root, CHECKPOINT_WEIGHTS), local)
+    saved = cache.read_json(fs, cache.join(root, CHECKPOINT_STATE)) or {}
+    if "config" not in saved:
+        raise ExportError(f"{url}/{CHECKPOINT_STATE}: no 'config' entry; not a checkpoint written by pipeline.train")
+    sha = hashlib.sha256()
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return load_file(local), saved, sha.hexdigest()
+
+
+# --- the reference layout ---------------------------------------------------------------------------
+
+
+def reference_weights(student: Mapping[str, torch.Tensor], decoder_state: Mapping[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """Our names (queries, qformer.*, projection.*) -> the reference's. `decoder_state` is the base
+    Whisper decoder's state dict: it supplies the names the Q-Former must have, and the token
+    table the Q-Former dropped."""
+    out = {"query_tokens": student["queries"],
+           "projection.weight": student["projection.weight"].t(),
+           "projection.bias": student["projection.bias"]}
+    for name, base in decoder_state.items():
+        ours = student.get(f"qformer.{name}")
+        if ours is None and name != "embed_tokens.weight":
+            raise ExportError(f"the Q-Former has no {name!r}, which the Whisper decoder has")
+        out[CONNECTOR + name] = base if ours is None else ours
+    extra = sorted(k for k in student if k.startswith("qformer.") and k[len("qformer."):] not in decoder_state)
+    if extra:
+        raise ExportError(f"Q-Former weights the Whisper decoder does not have: {extra[:5]}")
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def _student_state(weights: dict[str, torch.Tensor], cfg: Config, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """All of queries, qformer.*, projection.*: straight from the checkpoint when everything trained
+    (the default); otherwise the untrained parts are the run's initialisation, so the student is
+    rebuilt as training built it (seed = train.seed) and the checkpoint loaded into it."""
+    present = {name.split(".", 1)[0] for name in weights}
+    if present >= set(TRAINABLE_PARTS):
+        return weights
+    log.info("checkpoint trains only %s: rebuilding the student for the initial values of the rest",
+             sorted(present))
+    cpu = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, device="cpu", dtype="float32"))
+    model = build_student(cpu, tokenizer, seed=cfg.train.seed, device="cpu")
+    model.load_trainable(weights)
+    return {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in TRAINABLE_PARTS}
+
+
+def _source_spec(name: str, revision: str | None) -> tuple[str, str | None]:
+    """Local directories are recorded absolute, hub ids as given."""
+    return (os.path.abspath(name) if os.path.isdir(name) else name), revision
+
+
+def export_config(cfg: Config, template: ChatTemplate, tokenizer: Any, weights: Mapping[str, torch.Tensor],
+                  source: dict[str, Any]) -> dict[str, Any]:
+    q, d = weights["query_tokens"].shape
+    h = weights["projection.bias"].shape[0]
+    whisper, whisper_rev = _source_spec(cfg.model.whisper, cfg.model.whisper_revision)
+    llm, llm_rev = _source_spec(cfg.teacher.model, cfg.teacher.revision)
+    tiny_w = ({"seed": cfg.model.tiny_whisper_seed, "n_mels": cfg.features.n_mels, "config": dict(TINY_WHISPER)}
+              if cfg.model.whisper == "tiny" else None)
+    tiny_l = ({"seed": cfg.teacher.tiny_seed, "vocab_size": len(tokenizer),
+               "config": json.loads(json.dumps(TINY_LLAMA))} if cfg.teacher.model == "tiny" else None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        # The reference's own keys (config.json of the released model). Not its "model_type": "diva",
+        # which would make AutoTokenizer.from_pretrained(<this dir>) look for a model type transformers lacks.
+        "reference_encoder": whisper,
+        "reference_decoder": llm,
+        "vocab_size": len(tokenizer),
+        "whisper": {"name": whisper, "revision": whisper_rev, "tiny": tiny_w},
+        "llm": {"name": llm, "revision": llm_rev, "dtype": cfg.teacher.dtype, "tiny": tiny_l},
+        "num_queries": int(q),
+        "d": int(d),
+        "H": int(h),
+        "weights": {"file": WEIGHTS, "dtype": "float32", "projection_weight": "[d, H] (in x out)"},
+        "template": {
+            "prefix_ids": list(template.prefix_ids),
+            "suffix_ids": list(template.suffix_ids),
+            "system_prompt": template.system_prompt,
+            "fingerprint": template.fingerprint(),
+            # An instruction at inference becomes the system turn (replacing system_prompt).
+            "instruction": "system",
+        },
+        "features": dataclasses.asdict(cfg.features),
+        "audio_checks": {k: getattr(cfg.prepare, k) for k in ("max_duration_s", "min_duration_s", "silence_peak")},
+        "source": source,
+        "versions": cache.versions("torch", "transformers", "safetensors"),
+        "created_unix": int(time.time()),
+    }
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+def export_checkpoint(checkpoint: str, out: str, *, overwrite: bool = False) -> str:
+    """Write the model directory for `checkpoint` (a checkpoint dir, or a run dir: its latest) to `out`
+    (local or any fsspec URL) and return `out`. Re-exporting the same checkpoint into the same
+    directory is a no-op; another export already there is kept unless `overwrite`."""
+    from safetensors.torch import save_file
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    out_fs, out_root = cache.filesystem(out)
+    with tempfile.TemporaryDirectory(prefix="diva-export-") as tmp:
+        weights, saved, sha = _fetch_checkpoint(checkpoint, tmp)
+        existing = cache.read_json(out_fs, cache.join(out_root, CONFIG))
+        if existing is not None and existing.get("source", {}).get("trainable_sha256") == sha:
+            log.info("%s already holds the export of %s; nothing to do", out, checkpoint)
+            return out
+        if not overwrite and out_fs.exists(out_root) and out_fs.ls(out_root, detail=False):
+            raise ExportError(f"{out}: exists and holds something else "
+                              f"({'another export' if existing else 'not an export'}); pass overwrite to replace it")
+        cfg: Config = from_dict(Config, saved["config"])
+        try:
+            tokenizer = load_tokenizer(cfg.teacher)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{checkpoint}: cannot load the tokenizer its config names "
+                              f"({cfg.teacher.tokenizer or cfg.teacher.model}): {exc}") from exc
+        template = derive_template(tokenizer, cfg.teacher.system_prompt)
+        student = _student_state(weights, cfg, tokenizer)
+        decoder = student_whisper(cfg.model, cfg.features.n_mels).base_model.decoder
+        ref = reference_weights(student, decoder.state_dict())
+        source = {"checkpoint": checkpoint, "step": saved.get("state", {}).get("step"), "trainable_sha256": sha,
+                  "config": cfg.to_dict()}
+        config = export_config(cfg, template, tokenizer, ref, source)
+
+        stage = os.path.join(tmp, "model")
+        os.makedirs(stage)
+        save_file(ref, os.path.join(stage, WEIGHTS), metadata={"format": "pt", "layout": "diva-reference"})
+        tokenizer.save_pretrained(stage)
+        _publish(stage, config, out_fs, out_root)
+    log.info("exported %s (step %s) to %s", checkpoint, source["step"], out)
+    return out
+
+
+def _publish(stage: str, config: dict[str, Any], fs: Any, root: str) -> None:
+    """Copy the staged files, config.json last: a reader never sees a directory that looks complete
+    but is not. Locally the directory is swapped in by rename."""
+    if cache.is_local(fs):
+        with open(os.path.join(stage, CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        parent = os.path.dirname(os.path.abspath(root))
+        os.makedirs(parent, exist_ok=True)
+        fresh = os.path.join(parent, f".{os.path.basename(root)}.tmp-{uuid.uuid4().hex}")
+        shutil.copytree(stage, fresh)
+        if os.path.exists(root):
+            shutil.rmtree(root)
+        os.replace(fresh, root)
+        return
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    for name in sorted(os.listdir(stage)):
+        fs.put_file(os.path.join(stage, name), cache.join(root, name))
+    cache.write_json(fs, cache.join(root, CONFIG), config)
+
+
+# --- load ---------------------------------------------------------------------------------------------
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """config.json of a model directory (local), checking that the directory is complete."""
+    if not os.path.isdir(path):
+        raise ModelDirError(f"{path}: no such model directory (make one with python -m jobs.export)")
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ModelDirError(f"{path}: incomplete model directory: {name} is missing (re-run python -m jobs.export)")
+    with open(os.path.join(path, CONFIG)) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ModelDirError(f"{path}/{CONFIG}: not valid JSON: {exc}") from exc
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(f"{path}/{CONFIG}: format {config.get('format')!r} v{config.get('format_version')}, "
+                            f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    return config
+
+
+def audio_settings(config: Mapping[str, Any]) -> tuple[FeatureConfig, PrepareConfig]:
+    """The front end and the clip checks the model was trained with (for pipeline.ask.load_audio)."""
+    return FeatureConfig(**config["features"]), PrepareConfig(**config["audio_checks"])
+
+
+def local_model_dir(path: str) -> str:
+    """A model directory on any fsspec URL -> a local directory (downloaded to a temporary one)."""
+    fs, root = cache.filesystem(path)
+    if cache.is_local(fs):
+        return root
+    if not fs.exists(cache.join(root, CONFIG)):
+        raise ModelDirError(f"{path}: incomplete model directory: {CONFIG} is missing (re-run python -m jobs.export)")
+    local = tempfile.mkdtemp(prefix="diva-model-")
+    for remote in fs.ls(root, detail=False):
+        if fs.isfile(remote):
+            fs.get_file(remote, os.path.join(local, posixpath.basename(remote)))
+    return local
+
+
+def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+               whisper: str | None = None, llm: str | None = None) -> tuple[DiVA, Any]:
+    """(DiVA in eval mode carrying its template, tokenizer) from a model directory plus the base
+    Whisper and LLM it names (`whisper`/`llm` override those names, e.g. with a local copy)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = local_model_dir(path)
+    config = read_config(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path}: the tokenizer does not load: {exc}") from exc
+    template = ChatTemplate(tuple(config["template"]["prefix_ids"]), tuple(config["template"]["suffix_ids"]),
+                            config["template"]["system_prompt"])
+    try:
+        derived = derive_template(tokenizer, template.system_prompt)
+    except TemplateError as exc:
+        raise ModelDirError(f"{path}: {exc}") from exc
+    if derived != template:
+        raise ModelDirError(f"{path}: the saved tokenizer's chat template gives prefix {list(derived.prefix_ids)} / "
+                            f"suffix {list(derived.suffix_ids)}, config.json records {list(template.prefix_ids)} / "
+                            f"{list(template.suffix_ids)}")
+    state = load_file(os.path.join(path, WEIGHTS))
+    _check_weights(path, config, state)
+
+    wspec, lspec = config["whisper"], config["llm"]
+    if wspec["tiny"] and whisper is None:
+        from pipeline.model import tiny_whisper
+
+        base = tiny_whisper(wspec["tiny"]["seed"], wspec["tiny"]["n_mels"], **wspec["tiny"]["config"])
+        base = base.to(device=device, dtype=dtype)
+    else:
+        base = load_whisper(whisper or wspec["name"], None if whisper else wspec["revision"], dtype, device)
+    if lspec["tiny"] and llm is None:
+        if lspec["tiny"]["vocab_size"] != len(tokenizer):
+            raise ModelDirError(f"{path}: the tiny LLM was built for {lspec['tiny']['vocab_size']} tokens, "
+                                f"the saved tokenizer has {len(tokenizer)}")
+        lm = tiny_llama(lspec["tiny"]["vocab_size"], seed=lspec["tiny"]["seed"], dtype=dtype, device=device,
+                        **lspec["tiny"]["config"])
+    else:
+        lm = load_llm(llm or lspec["name"], dtype=dtype, device=device, revision=None if llm else lspec["revision"])
+
+    mcfg = ModelConfig(whisper=wspec["name"], num_queries=config["num_queries"], trainable=[])
+    model = DiVA(base, lm, template, mcfg)
+    if model.hidden_size != config["H"] or model.queries.shape[1] != config["d"]:
+        raise ModelDirError(f"{path}: the weights are for d={config['d']}, H={config['H']}; the base models "
+                            f"have d={model.queries.shape[1]}, H={model.hidden_size}")
+    with torch.no_grad():
+        model.queries.copy_(state["query_tokens"])
+        model.projection.weight.copy_(state["projection.weight"].t())
+        model.projection.bias.copy_(state["projection.bias"])
+        connector = {k[len(CONNECTOR):]: v for k, v in state.items()
+                     if k.startswith(CONNECTOR) and k != CONNECTOR + "embed_tokens.weight"}
+        try:
+            model.qformer.load_state_dict(connector, strict=True)
+        except RuntimeError as exc:
+            raise ModelDirError(f"{path}/{WEIGHTS}: the connector.* weights do not fit the Whisper decoder: "
+                                f"{exc}") from exc
+    return model.eval(), tokenizer
+
+
+def _check_weights(path: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    q, d, h = config["num_queries"], config["d"], config["H"]
+    expect = {"query_tokens": (q, d), "projection.weight": (d, h), "projection.bias": (h,)}
+    for name, shape in expect.items():
+        if name not in state:
+            raise ModelDirError(f"{path}/{WEIGHTS}: {name} is missing")
+        if tuple(state[name].shape) != shape:
+            raise ModelDirError(f"{path}/{WEIGHTS}: {name} has shape {tuple(state[name].shape)}, config.json "
+                                f"implies {shape}")
+    if not any(k.startswith(CONNECTOR) for k in state):
+        raise ModelDirError(f"{path}/{WEIGHTS}: no connector.* (Q-Former) weights")

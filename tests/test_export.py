@@ -1,0 +1,256 @@
+"""Export: a training checkpoint -> a model directory in the released DiVA layout, and back to a model
+that generates exactly what the trained one does."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pipeline.ask import generate, llm_inputs, load_audio
+from pipeline.config import load_config
+from pipeline.export import (
+    ExportError,
+    ModelDirError,
+    export_checkpoint,
+    load_model,
+    read_config,
+    resolve_checkpoint,
+)
+from pipeline.model import build_student, tiny_whisper
+from pipeline.template import derive_template
+from pipeline.train import make_optimizer, save_checkpoint
+
+CLIP = Path(__file__).parent / "fixtures" / "commonvoice" / "clips" / "common_voice_en_18327603.mp3"
+
+
+def perturb(model, seed: int, scale: float = 0.05) -> None:
+    """Move every trainable weight off its initialisation, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def write_checkpoint(directory: Path, model, cfg, step: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(str(directory), model, make_optimizer(model.trainable_parameters(), cfg.train),
+                    {"step": step, "epoch": 0, "batch_in_epoch": step}, cfg)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def trained(cfg):
+    model = build_student(cfg)
+    perturb(model, seed=1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained, cfg, tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("run") / "ck", trained, cfg, step=5)
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    return Path(export_checkpoint(str(checkpoint), str(tmp_path_factory.mktemp("export") / "model")))
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return load_model(str(exported))
+
+
+@pytest.fixture(scope="module")
+def features():
+    return load_audio(CLIP)
+
+
+def test_weights_follow_the_reference_layout(exported, trained, features):
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    weights = load_file(str(exported / "model.safetensors"))
+    decoder = tiny_whisper(seed=0).model.decoder
+    assert names == {"query_tokens", "projection.weight", "projection.bias"} | {
+        f"connector.{k}" for k in decoder.state_dict()}
+    assert weights["query_tokens"].shape == (448, 64)
+    assert torch.equal(weights["query_tokens"], trained.queries)
+    # The reference stores the projection in x out and loads it with `.T`.
+    assert torch.equal(weights["projection.weight"], trained.projection.weight.t())
+    assert torch.equal(weights["projection.bias"], trained.projection.bias)
+    # The reference's loader: a copy of the Whisper decoder, strict load of connector.*, then
+    # decoder(inputs_embeds=query_tokens, encoder_hidden_states=A) @ W + b. It must give our virtual tokens.
+    connector = copy.deepcopy(decoder)
+    connector.load_state_dict({k[len("connector."):]: v for k, v in weights.items() if k.startswith("connector.")},
+                              strict=True)
+    assert torch.equal(connector.embed_tokens.weight, decoder.embed_tokens.weight)  # the base table, unused
+    with torch.no_grad():
+        audio = trained.encoder(features).last_hidden_state
+        hidden = connector(inputs_embeds=weights["query_tokens"][None], encoder_hidden_states=audio)[0]
+        reference = hidden @ weights["projection.weight"] + weights["projection.bias"]
+        ours = trained.virtual_tokens(features)
+    torch.testing.assert_close(reference, ours, rtol=0, atol=1e-5)
+
+
+def test_config_names_the_base_models_and_the_template(exported, cfg):
+    config = read_config(str(exported))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher.tokenizer)
+    template = derive_template(tokenizer)
+    assert config["whisper"]["tiny"]["seed"] == cfg.model.tiny_whisper_seed
+    assert config["llm"]["tiny"] == {"seed": cfg.teacher.tiny_seed, "vocab_size": len(tokenizer),
+                                     "config": config["llm"]["tiny"]["config"]}
+    assert (config["num_queries"], config["d"], config["H"]) == (448, 64, 64)
+    assert config["template"]["prefix_ids"] == list(template.prefix_ids)
+    assert config["template"]["suffix_ids"] == list(template.suffix_ids)
+    assert config["template"]["system_prompt"] is None and config["template"]["instruction"] == "system"
+    assert config["source"]["step"] == 5
+    assert config["features"]["n_mels"] == 128 and config["audio_checks"]["max_duration_s"] == 30.0
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        assert (exported / name).is_file()
+
+
+def test_loaded_model_equals_the_trained_one(loaded, trained):
+    model, _ = loaded
+    theirs = trained.state_dict()
+    ours = model.state_dict()
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, different[:5]
+    assert model.template == trained.template and not model.training
+
+
+def test_export_load_generate_gives_the_same_tokens(loaded, trained, features):
+    model, tokenizer = loaded
+    greedy = list(generate(model, tokenizer, features, max_new_tokens=16))
+    assert greedy == list(generate(trained, tokenizer, features, max_new_tokens=16))
+    assert len(greedy) >= 2
+    sampled = list(generate(model, tokenizer, features, max_new_tokens=16, temperature=1.0, seed=3))
+    assert sampled == list(generate(trained, tokenizer, features, max_new_tokens=16, temperature=1.0, seed=3))
+
+
+def test_kv_cache_generation_equals_full_recomputation(loaded, features):
+    """Independent of the cache and of ask's input assembly: the training forward (DiVA.forward) gives
+    the first token, then every step reruns the whole sequence without a cache."""
+    model, tokenizer = loaded
+    tokens = list(generate(model, tokenizer, features, max_new_tokens=10))
+    embed = model.llm.get_input_embeddings()
+    with torch.no_grad():
+        virtual, h = model(features)
+        assert int(model.llm.get_output_embeddings()(h).argmax()) == tokens[0]
+        prompt = model.student_inputs(virtual)
+        torch.testing.assert_close(prompt, llm_inputs(model, model.template, features), rtol=0, atol=0)
+        for i, token in enumerate(tokens):
+            seq = torch.cat([prompt, embed(torch.tensor([tokens[:i]], dtype=torch.long))], dim=1)
+            logits = model.llm(inputs_embeds=seq, use_cache=False).logits[0, -1]
+            top2 = logits.topk(2).values
+            assert int(logits.argmax()) == token, f"step {i}"
+            assert float(top2[0] - top2[1]) > 1e-4, "near tie: the comparison would be meaningless"
+
+
+def test_export_is_idempotent_and_keeps_another_export(checkpoint, exported, trained, cfg, tmp_path):
+    before = (exported / "config.json").read_text()
+    assert export_checkpoint(str(checkpoint), str(exported)) == str(exported)
+    assert (exported / "config.json").read_text() == before  # nothing rewritten
+
+    out = tmp_path / "model"
+    shutil.copytree(exported, out)
+    other = copy.deepcopy(trained)
+    perturb(other, seed=2)
+    other_ck = write_checkpoint(tmp_path / "other", other, cfg, step=9)
+    with pytest.raises(ExportError, match="another export"):
+        export_checkpoint(str(other_ck), str(out))
+    export_checkpoint(str(other_ck), str(out), overwrite=True)
+    assert torch.equal(load_file(str(out / "model.safetensors"))["query_tokens"], other.queries)
+    assert read_config(str(out))["source"]["step"] == 9
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_run_directory_exports_its_latest_complete_checkpoint(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    for name, step in (("checkpoint_2025-01-01_10-00-00.000001", 2), ("checkpoint_2025-01-01_11-00-00.000001", 4)):
+        shutil.copytree(checkpoint, run / "train" / name)
+        state = json.loads((run / "train" / name / "state.json").read_text())
+        state["state"]["step"] = step
+        (run / "train" / name / "state.json").write_text(json.dumps(state))
+    incomplete = run / "train" / "checkpoint_2025-01-01_12-00-00.000001"  # an upload cut short
+    incomplete.mkdir()
+    shutil.copy(checkpoint / "trainable.safetensors", incomplete)
+    latest = str(run / "train" / "checkpoint_2025-01-01_11-00-00.000001")
+    assert resolve_checkpoint(str(run)) == latest
+    assert resolve_checkpoint(str(run / "train")) == latest
+    assert resolve_checkpoint(str(checkpoint)) == str(checkpoint)
+    out = export_checkpoint(str(run), str(tmp_path / "model"))
+    assert read_config(out)["source"] == read_config(out)["source"] | {"checkpoint": latest, "step": 4}
+    with pytest.raises(ExportError, match="no checkpoint here"):
+        resolve_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_untrained_parts_are_exported_at_their_initialisation(tmp_path):
+    """With model.trainable without `queries`, the checkpoint has no query vectors: the export holds
+    the run's initial ones (seed = train.seed), so inference uses what training used."""
+    cfg = load_config("tiny", ["model.trainable=[qformer, projection]", "train.seed=7"])
+    model = build_student(cfg, seed=7)
+    perturb(model, seed=4)
+    ck = write_checkpoint(tmp_path / "ck", model, cfg, step=1)
+    assert "queries" not in load_file(str(ck / "trainable.safetensors"))
+    out = export_checkpoint(str(ck), str(tmp_path / "model"))
+    weights = load_file(str(Path(out) / "model.safetensors"))
+    assert torch.equal(weights["query_tokens"], model.queries)
+    assert torch.equal(weights["projection.bias"], model.projection.bias)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer_config.json"])
+def test_an_incomplete_model_directory_names_the_missing_file(exported, tmp_path, missing):
+    broken = tmp_path / "model"
+    shutil.copytree(exported, broken)
+    (broken / missing).unlink()
+    with pytest.raises(ModelDirError, match=f"incomplete model directory: {missing} is missing"):
+        load_model(str(broken))
+
+
+def test_bad_model_directories_and_checkpoints(exported, checkpoint, tmp_path):
+    with pytest.raises(ModelDirError, match="no such model directory"):
+        load_model(str(tmp_path / "absent"))
+    broken = tmp_path / "model"
+    shutil.copytree(exported, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in weights.items() if k != "connector.layers.1.fc2.weight"},
+              str(broken / "model.safetensors"))
+    with pytest.raises(ModelDirError, match="connector.* weights do not fit"):
+        load_model(str(broken))
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    (ck / "state.json").unlink()
+    with pytest.raises(ExportError, match="state.json is missing"):
+        export_checkpoint(str(ck), str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_export_and_load_on_gcs(gcs, bucket, checkpoint, trained, features):
+    fs = gcs.fs()
+    fs.put(str(checkpoint), f"{bucket}/run/train/checkpoint_2025-01-01_10-00-00.000001", recursive=True)
+    fs.invalidate_cache()
+    out = export_checkpoint(f"gs://{bucket}/run", f"gs://{bucket}/models/diva")
+    assert out == f"gs://{bucket}/models/diva"
+    fs.invalidate_cache()
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/models/diva")} >= {"config.json", "model.safetensors",
+                                                                                 "tokenizer_config.json"}
+    model, tokenizer = load_model(out)
+    assert torch.equal(model.queries, trained.queries)
+    assert list(generate(model, tokenizer, features, max_new_tokens=4)) == list(
+        generate(trained, tokenizer, features, max_new_tokens=4))
