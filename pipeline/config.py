@@ -123,6 +123,9 @@ class TrainConfig:
 
     device: str = "cpu"  # cpu | cuda | xla
     num_workers: int = 1
+    # CPUs Ray reserves per worker (torch threads: the node's CPUs / workers). Leave some to Ray Data's ingest:
+    # on a 2-CPU machine, 2 workers x 1 CPU would starve the reads and the join.
+    cpus_per_worker: float = 1.0
     # Examples per optimizer step over all workers; micro-batches accumulate to it, so the
     # trajectory does not depend on the worker count.
     global_batch_size: int = 512

@@ -8,9 +8,11 @@ decay. The teacher never runs here: its targets come from the stage-2 cache.
 
 Devices: `cpu` (gloo; local runs and tests), `cuda` (NCCL; FSDP2 `fully_shard` per LLM/encoder
 layer so frozen weights are sharded rather than copied, bf16 compute via MixedPrecisionPolicy,
-fp32 master weights), `xla` (issue 5). Checkpoints (every `checkpoint_every` steps and at the end)
-hold the trainable weights in safetensors, the optimizer, the step, RNG states and the data
-position; Ray Train keeps them under <output>/train/ and restarts failed workers from the latest.
+fp32 master weights), `xla` (torch_xla SPMD, one process per TPU host: pipeline/xla.py).
+Checkpoints (every `checkpoint_every` steps and at the end) hold the trainable weights in
+safetensors, the optimizer, the step, RNG states and the data position (on XLA the weights and
+optimizer also as sharded torch.distributed.checkpoint files); Ray Train keeps them under
+<output>/train/ and restarts failed workers from the latest.
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if tcfg.device == "cuda" else "cpu")
     if tcfg.device == "cpu":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    xrun = None  # torch_xla SPMD (pipeline/xla.py): one process per host; the model is built on the CPU, then sharded
+    if tcfg.device == "xla":
+        from pipeline import xla
+
+        xrun = xla.SpmdRun(xla.xla_config(tcfg), seed=tcfg.seed)
+        xrun.check_batch(tcfg.micro_batch_size)
 
     tokenizer = load_tokenizer(cfg.teacher)
     # Built in float32: trainable weights are fp32 masters; bf16 compute is FSDP2's mixed precision.
@@ -159,8 +167,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sharded = tcfg.device == "cuda" and world > 1
     if sharded:
         _fully_shard(model, tcfg)
+    if xrun:
+        xrun.shard_model(model, tcfg.dtype)
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, tcfg)
+    if xrun:
+        xrun.init_optimizer(optimizer)
     loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, align_reduction=tcfg.align_reduction)
     accum = accumulation(tcfg, world)
 
@@ -168,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer)
+            state = xrun.load_checkpoint(d, model, optimizer) if xrun else load_checkpoint(d, model, optimizer)
         log.info("rank %d: resumed at step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"],
                  state["batch_in_epoch"])
 
@@ -176,25 +188,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       num_queries=cfg.model.num_queries, target_dtype=config["target_dtype"])
     batches = _batches(ray.train.get_dataset_shard("train"), collate, tcfg.micro_batch_size,
                        state["epoch"], state["batch_in_epoch"])
+    end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
+    if state["step"] >= end:
+        log.info("rank %d: the run is at step %d of %d already; nothing to do", rank, state["step"], end)
+        return
     metrics_log = MetricsLog(config["output"]) if rank == 0 else None
     model.train()
     t_last, examples = time.perf_counter(), 0
-    end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
     for step in range(state["step"], end):
         lr = lr_at(step, tcfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(4, dtype=torch.float64)  # total, distill, align, truncated
+        # total, distill, align, truncated; on XLA they stay on the device until the step's sync
+        sums = xrun.loss_sums() if xrun else torch.zeros(4, dtype=torch.float64)
         for _ in range(accum):
             epoch, index, batch = next(batches)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = xrun.to_device(batch) if xrun else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             virtual, h_student = model(batch["input_features"])
             text = model.text_embeddings(batch["token_ids"])
             loss, parts = loss_fn(h_student, batch["target"], virtual, text, batch["lengths"])
             (loss / accum).backward()
-            sums += torch.stack([loss.detach().double().cpu(), parts["distill"].double().cpu(),
-                                 parts["align"].double().cpu(), parts["truncated"].double().cpu()])
-        if world > 1:
+            sums += torch.stack([loss.detach(), parts["distill"], parts["align"],
+                                 parts["truncated"].to(loss.dtype)]).to(sums)
+        if world > 1 and not xrun:  # under SPMD, GSPMD reduces the gradients and the sums span the global batch
             if not sharded:  # FSDP2 reduce-scatters gradients itself
                 for p in params.values():
                     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
@@ -202,13 +218,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), tcfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if xrun:
+            xrun.sync()  # the step boundary: the whole step runs as one compiled graph
         examples += tcfg.global_batch_size
         state = {"step": step + 1, "epoch": epoch, "batch_in_epoch": index + 1}
-        n = accum * world
+        last = step + 1 == end
+        log_now = (step + 1) % tcfg.log_every == 0 or last or step == 0
+        save_now = (step + 1) % tcfg.checkpoint_every == 0 or last
+        if xrun and not (log_now or save_now):
+            continue  # reading device values waits for the device: only to log or save
+        n = accum * (1 if xrun else world)
         metrics = {"loss": sums[0].item() / n, "distill": sums[1].item() / n, "align": sums[2].item() / n,
                    "truncated": sums[3].item(), "grad_norm": float(grad_norm), "lr": lr}
-        last = step + 1 == end
-        if (step + 1) % tcfg.log_every == 0 or last or step == 0:
+        if xrun:
+            metrics["xla_compilations"] = xrun.compilations()
+        if log_now:
             now = time.perf_counter()
             metrics["examples_per_s"] = examples / max(now - t_last, 1e-9)
             t_last, examples = now, 0
@@ -217,13 +241,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("step %d/%d loss %.4f distill %.4f align %.4f grad %.3f lr %.2e %.1f ex/s", step + 1,
                          tcfg.steps, metrics["loss"], metrics["distill"], metrics["align"], metrics["grad_norm"],
                          lr, metrics["examples_per_s"])
-        if (step + 1) % tcfg.checkpoint_every == 0 or last:
+        if save_now:
             with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
+                if xrun:  # every host writes its own shards; Ray Train merges them into one checkpoint
+                    xrun.save_checkpoint(d, model, optimizer, state, cfg, rank)
+                elif rank == 0:
                     save_checkpoint(d, model, optimizer, state, cfg)
+                if rank == 0:
                     metrics_log.sync()
                 ray.train.report(metrics | {"step": step + 1},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 or xrun else None)
 
 
 def _fully_shard(model: Any, tcfg: Any) -> None:
@@ -257,12 +284,20 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     fs, root = cache.filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
     storage = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    trainer = TorchTrainer(
+    trainer_cls, xla_scaling = TorchTrainer, None
+    if tcfg.device == "xla":  # one torch_xla SPMD worker per host (pipeline/xla.py)
+        from pipeline import xla
+
+        xcfg = xla.xla_config(tcfg)
+        trainer_cls, xla_scaling = xla.trainer(xcfg), xla.scaling_config(tcfg.num_workers, xcfg, tcfg.cpus_per_worker)
+    trainer = trainer_cls(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.replace(cfg, teacher=for_workers(cfg.teacher)).to_dict(),
                            "output": output_url, "target_dtype": expect["target_dtype"],
                            "threads": max(1, (os.cpu_count() or 1) // tcfg.num_workers)},
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.device == "cuda"),
+        scaling_config=xla_scaling or ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.device == "cuda",
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker,
+                                                           **({"GPU": 1} if tcfg.device == "cuda" else {})}),
         run_config=RunConfig(name=RUN_NAME, storage_path=root, storage_filesystem=storage,
                              failure_config=FailureConfig(max_failures=tcfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints)),

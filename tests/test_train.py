@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,26 +95,169 @@ def teacher_cache(prepared_mels, tmp_path_factory):
 
 
 def tiny_train(*overrides: str):
-    return load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=4",
+    return load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6",
                                 "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",
                                 "train.warmup_frac=0.25", *overrides])
 
 
-@pytest.mark.slow
-def test_resume_continues_exactly(ray_local, prepared_mels, teacher_cache, tmp_path):
+@pytest.fixture(scope="module")
+def straight(ray_local, prepared_mels, teacher_cache, tmp_path_factory) -> list[dict]:
+    """The metrics of an uninterrupted `tiny_train()` run: what a resumed or restarted run must equal."""
     from pipeline.train import run_training
 
-    straight = tmp_path / "straight"
-    run_training(tiny_train(), str(prepared_mels), str(teacher_cache), str(straight))
-    expected = read_metrics(straight)
-    assert [m["step"] for m in expected] == [1, 2, 3, 4]
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_training(tiny_train(), str(prepared_mels), str(teacher_cache), str(out))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    return metrics
+
+
+def assert_same_losses(got: list[dict], expected: list[dict]) -> None:
+    by_step = {m["step"]: m for m in got}  # the last record of a step wins (re-run steps log twice)
+    assert sorted(by_step) == [m["step"] for m in expected]
+    for b in expected:
+        a = by_step[b["step"]]
+        for key in ("loss", "distill", "align", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
+    from pipeline.train import run_training
 
     resumed = tmp_path / "resumed"
     first = run_training(tiny_train("train.stop_at_step=2"), str(prepared_mels), str(teacher_cache), str(resumed))
     assert first.metrics["step"] == 2
     run_training(tiny_train(), str(prepared_mels), str(teacher_cache), str(resumed))
     got = read_metrics(resumed)
-    assert [m["step"] for m in got] == [1, 2, 3, 4]
-    for a, b in zip(got, expected, strict=True):
-        for key in ("loss", "distill", "align", "lr"):
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    assert_same_losses(got, straight)
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
+    """SIGKILL the training worker mid-run: Ray Train's FailureConfig restarts the worker group, which
+    resumes from the latest checkpoint and ends where an uninterrupted run ends."""
+    from ray._private.state import actors  # the GCS's actor table (ray.util.state needs the dashboard)
+
+    from pipeline.train import run_training
+
+    out = tmp_path / "failing"
+    jsonl = out / "logs" / "metrics.jsonl"
+    killed: list[int] = []
+
+    def kill_the_worker_at_step_3() -> None:
+        # Step 3 is logged after step 2's checkpoint was reported: kill then, with steps still to go.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3:
+                table = actors().values()
+                workers = [a for a in table if a["State"] == "ALIVE" and "TrainWorker" in a["ActorClassName"]]
+                assert len(workers) == 1, [(a["ActorClassName"], a["State"]) for a in table]
+                os.kill(workers[0]["Pid"], signal.SIGKILL)
+                killed.append(workers[0]["Pid"])
+                return
+            time.sleep(0.05)
+
+    # The trainer runs on this (main) thread, as in a job; the failure comes from outside.
+    killer = threading.Thread(target=kill_the_worker_at_step_3, daemon=True)
+    killer.start()
+    result = run_training(tiny_train("train.max_failures=1"), str(prepared_mels), str(teacher_cache), str(out))
+    killer.join(timeout=10)
+    assert killed, "the worker was never killed"
+    assert result.error is None and result.metrics["step"] == 6
+    got = read_metrics(out)
+    steps = [m["step"] for m in got]
+    assert len(steps) > len(set(steps)), f"no step ran twice, so no restart happened: {steps}"
+    assert_same_losses(got, straight)
+
+
+# Full-batch steps on the 16 clips; the rest is the tiny preset.
+OVERFIT = ["train.global_batch_size=16", "train.steps=300", "train.log_every=25", "train.checkpoint_every=300"]
+
+
+@pytest.fixture(scope="module")
+def sixteen(ray_local, corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """16 train clips of the bundled corpus through stages 1 and 2 (tiny preset): one full batch."""
+    from pipeline.prepare import run_prepare
+    from pipeline.teacher import run_teacher
+
+    cfg = load_config("tiny", ["prepare.splits=[train]", "prepare.limit=16"])
+    root = tmp_path_factory.mktemp("sixteen")
+    mels = run_prepare(cfg, str(corpus), str(root / "mels"))
+    assert mels["counts"]["clips"] == 16, mels["counts"]
+    run_teacher(cfg, str(root / "mels"), str(root / "teacher"))
+    return root / "mels", root / "teacher"
+
+
+@pytest.mark.slow
+def test_two_workers_follow_one_worker(ray_local, sixteen, tmp_path):
+    """Global batch 16 = 1 worker x 2 micro-batches of 8 = 2 workers x 1 micro-batch of 8: the same
+    examples per step, so the same trajectory up to float summation order (rel 1e-4)."""
+    from pipeline.train import run_training
+
+    mels, teacher = sixteen
+    runs = {}
+    for workers in (1, 2):
+        cfg = load_config("tiny", ["train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=3",
+                                   "train.log_every=1", "train.checkpoint_every=3", "train.lr=3e-3",
+                                   "train.warmup_frac=0.34", "train.cpus_per_worker=0.5",
+                                   f"train.num_workers={workers}"])
+        out = tmp_path / f"workers-{workers}"
+        run_training(cfg, str(mels), str(teacher), str(out))
+        runs[workers] = read_metrics(out)
+    one, two = runs[1], runs[2]
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
+    assert one[-1]["distill"] < one[0]["distill"]  # it trains, so the steps differ from each other
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "distill", "align", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
+def first_tokens(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The greedy first response token: argmax of the LLM's head on the final-norm last-position state."""
+    return model.llm.get_output_embeddings()(hidden).argmax(-1)
+
+
+@pytest.mark.slow
+def test_overfits_sixteen_clips(ray_local, sixteen, tmp_path):
+    """The tiny preset, trained on 16 clips, fits them: L_distill falls by >= 90% and the student's first
+    response token is the teacher's on >= 90% of the clips (on clearly fewer at initialisation)."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from pipeline.export import resolve_checkpoint
+    from pipeline.features import restore_row
+    from pipeline.losses import distillation_loss
+    from pipeline.model import build_student
+    from pipeline.teacher import compute_targets, load_tokenizer
+    from pipeline.train import run_training
+
+    mels, teacher = sixteen
+    cfg = load_config("tiny", OVERFIT)
+    out = tmp_path / "overfit"
+    run_training(cfg, str(mels), str(teacher), str(out))
+
+    rows = pq.read_table(mels / "mels").sort_by("id").to_pylist()
+    features = torch.stack([torch.from_numpy(restore_row(r["mel"], r["mel_pad_value"], cfg.features)) for r in rows])
+    tokenizer = load_tokenizer(cfg.teacher)
+    student = build_student(cfg, tokenizer).eval()
+    # The teacher's answer, recomputed here in float32 (not read back from the float16 cache).
+    ids = [tokenizer(r["sentence"], add_special_tokens=False)["input_ids"] for r in rows]
+    h_teacher = torch.from_numpy(compute_targets(student.llm, student.template, ids).hidden)
+    teacher_tokens = first_tokens(student, h_teacher)
+
+    def fit() -> tuple[float, float]:
+        with torch.no_grad():
+            h_student = student(features)[1]
+        agree = (first_tokens(student, h_student) == teacher_tokens).float().mean().item()
+        return distillation_loss(h_student, h_teacher).item(), agree
+
+    loss_init, agree_init = fit()
+    student.load_trainable(load_file(str(Path(resolve_checkpoint(str(out))) / "trainable.safetensors")))
+    loss_end, agree_end = fit()
+    print(f"overfit: L_distill {loss_init:.4f} -> {loss_end:.4f} ({1 - loss_end / loss_init:.1%} drop); "
+          f"first-token agreement {agree_init:.2f} -> {agree_end:.2f}")
+    assert loss_end <= 0.1 * loss_init
+    assert agree_end >= 0.9
+    assert agree_init <= agree_end - 0.25
