@@ -143,6 +143,9 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (frozen encoder/LLM; trainable weights stay float32)
     activation_checkpointing: bool = False
     split: str = "train"
+    # A split up to this size on disk (mels + targets) is read, joined and shuffled once and kept in
+    # Ray's object store; a larger one streams from storage again each epoch.
+    materialize_max_mb: float = 1024.0
     shuffle: bool = True
     seed: int = 0
     log_every: int = 10

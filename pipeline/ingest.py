@@ -232,9 +232,11 @@ def training_dataset(
                     c["mels_without_target"], c["mels"], split, info["mels_without_target_by_reason"],
                     c["targets_without_mels"] - c["targets_in_other_splits"])
 
+    share = mels_in_split / max(1, sum(mels["counts"]["clips_by_split"].values()))
+    # What the split's rows weigh on disk (Parquet, compressed): the join's and the cache's yardstick.
+    info["input_bytes"] = int(mel_bytes * share + target_bytes)
     if num_partitions is None:
-        share = mels_in_split / max(1, sum(mels["counts"]["clips_by_split"].values()))
-        num_partitions = max(1, math.ceil((mel_bytes * share + target_bytes) / PARTITION_BYTES))
+        num_partitions = max(1, math.ceil(info["input_bytes"] / PARTITION_BYTES))
     info["num_partitions"] = num_partitions
 
     left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])

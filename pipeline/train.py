@@ -281,6 +281,12 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     ds, info = training_dataset(mels_url, teacher_url, expect=expect, split=tcfg.split,
                                   shuffle_seed=tcfg.seed if tcfg.shuffle else None)
     log.info("train: %s", info["counts"])
+    if info["input_bytes"] <= tcfg.materialize_max_mb * 2**20:
+        # Small enough to hold: read, join and shuffle once, and let every epoch stream from memory.
+        # Otherwise each epoch re-runs the whole pipeline, which for a few clips costs more than the step.
+        ds = ds.materialize()
+        log.info("train: the %s split (%.1f MB on disk) is materialised in the object store", tcfg.split,
+                 info["input_bytes"] / 2**20)
     fs, root = cache.filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
     storage = pafs.PyFileSystem(pafs.FSSpecHandler(fs))

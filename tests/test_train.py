@@ -173,7 +173,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, prepared_mel
 
 
 # Full-batch steps on the 16 clips; the rest is the tiny preset.
-OVERFIT = ["train.global_batch_size=16", "train.steps=300", "train.log_every=25", "train.checkpoint_every=300"]
+OVERFIT = ["train.global_batch_size=16", "train.micro_batch_size=16", "train.steps=400", "train.log_every=25",
+           "train.checkpoint_every=400"]
 
 
 @pytest.fixture(scope="module")
