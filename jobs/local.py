@@ -25,9 +25,9 @@ def question_clip(mels_url: str, split: str) -> tuple[str, str]:
     """(audio path, transcript) of the first prepared clip of `split`: a question the model never trained on."""
     import pyarrow.parquet as pq
 
-    from pipeline import cache
+    from pipeline import cache, prepare
 
-    manifest = cache.check_manifest(mels_url, kind="diva-mels")
+    manifest = cache.check_manifest(mels_url, kind=prepare.KIND)
     fs, root = cache.filesystem(mels_url)
     for name in sorted(manifest["files"]["mels"]):
         rows = pq.read_table(cache.join(root, "mels", name), columns=["id", "split", "path", "sentence"],
