@@ -4,9 +4,11 @@
 setup:
 	bash scripts/setup.sh
 
+# The main suite in .venv, then the torch_xla suite in .venv-xla (scripts/test_xla.sh creates it).
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
+	bash scripts/test_xla.sh
 
 demo: setup
 	.venv/bin/python -m jobs.local
@@ -16,3 +18,5 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_prepare.py
+	.venv/bin/python benchmarks/bench_teacher.py
+	.venv/bin/python benchmarks/bench_train.py

@@ -118,6 +118,28 @@ class ModelConfig:
 
 
 @dataclass
+class XlaConfig:
+    """`train.device=xla`: torch_xla SPMD, one process per TPU host (pipeline/xla.py)."""
+
+    # PJRT device: TPU on TPU VMs; CPU (with cpu_num_devices virtual devices) for tests.
+    pjrt_device: str = "TPU"
+    cpu_num_devices: int | None = None
+    # Data-parallel replicas inside a slice; the slice's other devices form the fsdp axis. Across
+    # slices the data axis also spans the slices (DCN), so FSDP traffic stays on ICI.
+    data: int = 1
+    # Persistent XLA compilation cache on each host's local disk ("" disables it).
+    compilation_cache: str = "~/.cache/diva/xla"
+    # The TPU slice to reserve (Ray's ScalingConfig): e.g. topology 2x2x4 with accelerator_type TPU-V4;
+    # train.num_workers is the number of hosts over all slices. chips_per_host is only needed when
+    # no topology is given (one single-host slice). A cluster may name its slice in the driver's
+    # environment instead (DIVA_XLA_TOPOLOGY, ...: see pipeline/xla.py).
+    topology: str | None = None
+    accelerator_type: str | None = None
+    chips_per_host: int | None = None
+    timeout_s: int = 1800
+
+
+@dataclass
 class TrainConfig:
     """Stage 3: the optimisation (the paper's: AdamW 5e-5, wd 0.1, 1% warmup, cosine to 0, batch 512)."""
 
@@ -154,6 +176,7 @@ class TrainConfig:
     max_failures: int = 0
     # Stop (after a checkpoint) at this step without changing the schedule; resubmit to go on.
     stop_at_step: int | None = None
+    xla: XlaConfig = field(default_factory=XlaConfig)
 
 
 @dataclass
