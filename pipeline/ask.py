@@ -182,7 +182,7 @@ def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: 
     with torch.inference_mode():
         cache_ = DynamicCache(config=llm.config)
         # logits_to_keep=1: the LM head runs on the last position only, not on all ~458 of the prompt.
-        out = llm(inputs_embeds=embeds, past_key_values=cache_, use_cache=True, logits_to_keep=1)
+        out = with_cache(llm, cache_, inputs_embeds=embeds, logits_to_keep=1)
         for _ in range(max_new_tokens):
             logits = out.logits[0, -1].float()
             if generator is None:
@@ -194,7 +194,22 @@ def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: 
             if token in stops:
                 return
             step = torch.tensor([[token]], dtype=torch.long, device=embeds.device)
-            out = llm(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out = with_cache(llm, returned_cache(out), input_ids=step, logits_to_keep=1)
+
+
+def with_cache(llm: Any, cache_: Any, **kwargs: Any) -> Any:
+    """llm(**kwargs) continuing from `cache_`, under the keyword this transformers calls it (`cache`
+    since it deprecated `past_key_values`, which older 5.x releases still take)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+    return llm(**kwargs, **{name: cache_}, use_cache=True)
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    new = getattr(out, "cache", None)
+    return new if new is not None else out.past_key_values
 
 
 def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:

@@ -56,7 +56,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import PipelineError, cache
-from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template
+from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template, returned_cache, with_cache
 from pipeline.config import Config, from_dict
 from pipeline.export import audio_settings, load_model, local_model_dir, read_config
 from pipeline.ingest import collate, training_dataset
@@ -218,14 +218,13 @@ def label_logprobs(model: Any, template: ChatTemplate, input_features: torch.Ten
     embeds = llm_inputs(model, template, input_features)
     out: list[list[float]] = []
     with torch.inference_mode():
-        prompt = llm(inputs_embeds=embeds, past_key_values=DynamicCache(config=llm.config), use_cache=True,
-                     logits_to_keep=1)
+        prompt = with_cache(llm, DynamicCache(config=llm.config), inputs_embeds=embeds, logits_to_keep=1)
         first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
         for ids in label_ids:
             scores = [float(first[ids[0]])]
             if len(ids) > 1:
-                rest = llm(input_ids=torch.tensor([list(ids[:-1])], dtype=torch.long, device=embeds.device),
-                           past_key_values=copy.deepcopy(prompt.past_key_values), use_cache=True)
+                rest = with_cache(llm, copy.deepcopy(returned_cache(prompt)),
+                                  input_ids=torch.tensor([list(ids[:-1])], dtype=torch.long, device=embeds.device))
                 logprobs = torch.log_softmax(rest.logits[0].float(), dim=-1)
                 targets = torch.tensor(list(ids[1:]), dtype=torch.long, device=logprobs.device)
                 scores += logprobs[torch.arange(len(ids) - 1, device=logprobs.device), targets].tolist()
