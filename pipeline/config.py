@@ -164,6 +164,9 @@ class TrainConfig:
     align_reduction: str = "sum"
     dtype: str = "float32"  # float32 | bfloat16 (frozen encoder/LLM; trainable weights stay float32)
     activation_checkpointing: bool = False
+    # FSDP2 (`fully_shard`): null = on for cuda (any worker count; it also carries bf16 compute), off
+    # for cpu; true on cpu runs the same sharded path over gloo (tests, big-memory CPU nodes).
+    fsdp: bool | None = None
     split: str = "train"
     # A split up to this size on disk (mels + targets) is read, joined and shuffled once and kept in
     # Ray's object store; a larger one streams from storage again each epoch.

@@ -185,8 +185,9 @@ class DiVA(nn.Module):
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def load_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy a checkpoint's trainable weights in; the names must match trainable_parameters() exactly."""
+    def load_trainable(self, state: Mapping[str, torch.Tensor], check_only: bool = False) -> None:
+        """Copy a checkpoint's trainable weights in; the names must match trainable_parameters() exactly.
+        check_only: only check names and shapes (an FSDP2 model loads through torch.distributed)."""
         params = self.trainable_parameters()
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
@@ -195,6 +196,9 @@ class DiVA(nn.Module):
         for name, p in params.items():
             if state[name].shape != p.shape:
                 raise ValueError(f"{name}: shape {tuple(state[name].shape)} in the checkpoint, {tuple(p.shape)} here")
+        if check_only:
+            return
+        for name, p in params.items():
             p.copy_(state[name])
 
     @property

@@ -6,9 +6,10 @@ micro x accum x workers = global batch, whatever the worker count), student forw
 (pipeline.losses), gradients averaged over workers, clip, AdamW with linear warmup and cosine
 decay. The teacher never runs here: its targets come from the stage-2 cache.
 
-Devices: `cpu` (gloo; local runs and tests), `cuda` (NCCL; FSDP2 `fully_shard` per LLM/encoder
-layer so frozen weights are sharded rather than copied, bf16 compute via MixedPrecisionPolicy,
-fp32 master weights), `xla` (torch_xla SPMD, one process per TPU host: pipeline/xla.py).
+Devices: `cpu` (gloo; local runs and tests), `cuda` (NCCL; FSDP2 `fully_shard` per LLM/encoder/
+Q-Former layer so frozen weights are sharded rather than copied, bf16 compute via
+MixedPrecisionPolicy, fp32 master weights; `train.fsdp=true` runs the same path on CPUs over gloo,
+which is how the tests check it), `xla` (torch_xla SPMD, one process per TPU host: pipeline/xla.py).
 Checkpoints (every `checkpoint_every` steps and at the end) hold the trainable weights in
 safetensors, the optimizer, the step, RNG states and the data position (on XLA the weights and
 optimizer also as sharded torch.distributed.checkpoint files); Ray Train keeps them under
@@ -81,17 +82,66 @@ def save_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer
         json.dump({"state": state, "config": cfg.to_dict()}, f, indent=2)
 
 
-def load_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def save_sharded_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                            cfg: Config, rank: int) -> None:
+    """The FSDP2 run's checkpoint, in the same files as the unsharded one: every rank takes part in
+    gathering the full trainable weights and optimizer state (collectives); rank 0 writes them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = {k: v.full_tensor().detach().cpu().contiguous() for k, v in model.trainable_parameters().items()}
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+    if rank != 0:
+        return
+    from safetensors.torch import save_file
+
+    save_file(weights, os.path.join(directory, "trainable.safetensors"))
+    torch.save({"optimizer": optim, "optimizer_format": "fqn",
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               os.path.join(directory, "optimizer.pt"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump({"state": state, "config": cfg.to_dict()}, f, indent=2)
+
+
+def load_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer,
+                    sharded: bool = False) -> dict[str, Any]:
+    """Either checkpoint into either model: an unsharded one resumes an FSDP2 run and the reverse,
+    so a run can change its worker count or device between submissions."""
     from safetensors.torch import load_file
 
-    model.load_trainable(load_file(os.path.join(directory, "trainable.safetensors")))
+    weights = load_file(os.path.join(directory, "trainable.safetensors"))
     extra = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
+    fqn = extra.get("optimizer_format") == "fqn"
+    if sharded or fqn:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model.load_trainable(weights, check_only=True)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        optim = extra["optimizer"] if fqn else _fqn_optimizer_state(extra["optimizer"], model, optimizer)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim, options=options)
+    else:
+        model.load_trainable(weights)
+        optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"]["torch"])
     np.random.set_state(extra["rng"]["numpy"])
     random.setstate(extra["rng"]["python"])
     with open(os.path.join(directory, "state.json")) as f:
         return json.load(f)["state"]
+
+
+def _fqn_optimizer_state(osd: dict[str, Any], model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An unsharded checkpoint's optimizer state (keyed by position over the param groups, which
+    make_optimizer builds in the same order every time) keyed by parameter name instead, as
+    set_optimizer_state_dict reads it."""
+    name_of = {id(p): name for name, p in model.trainable_parameters().items()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
+    return {"state": {names[int(i)]: v for i, v in osd["state"].items()}, "param_groups": groups}
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -164,9 +214,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_student(student_cfg, tokenizer, seed=tcfg.seed, device=str(device))
     if tcfg.activation_checkpointing:
         model.enable_activation_checkpointing()
-    sharded = tcfg.device == "cuda" and world > 1
+    sharded = tcfg.device != "xla" and (tcfg.fsdp if tcfg.fsdp is not None else tcfg.device == "cuda")
     if sharded:
-        _fully_shard(model, tcfg)
+        _fully_shard(model, tcfg, device, world)
     if xrun:
         xrun.shard_model(model, tcfg.dtype)
     params = model.trainable_parameters()
@@ -180,7 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = xrun.load_checkpoint(d, model, optimizer) if xrun else load_checkpoint(d, model, optimizer)
+            state = xrun.load_checkpoint(d, model, optimizer) if xrun else load_checkpoint(d, model, optimizer, sharded)
         log.info("rank %d: resumed at step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"],
                  state["batch_in_epoch"])
 
@@ -201,7 +251,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr
         # total, distill, align, truncated; on XLA they stay on the device until the step's sync
         sums = xrun.loss_sums() if xrun else torch.zeros(4, dtype=torch.float64)
-        for _ in range(accum):
+        for micro in range(accum):
+            if sharded:  # FSDP2 reduce-scatters once per step, after the last micro-batch
+                model.set_requires_gradient_sync(micro == accum - 1)
             epoch, index, batch = next(batches)
             batch = xrun.to_device(batch) if xrun else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             virtual, h_student = model(batch["input_features"])
@@ -245,6 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 if xrun:  # every host writes its own shards; Ray Train merges them into one checkpoint
                     xrun.save_checkpoint(d, model, optimizer, state, cfg, rank)
+                elif sharded:  # every rank gathers, rank 0 writes
+                    save_sharded_checkpoint(d, model, optimizer, state, cfg, rank)
                 elif rank == 0:
                     save_checkpoint(d, model, optimizer, state, cfg)
                 if rank == 0:
@@ -253,16 +307,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 or xrun else None)
 
 
-def _fully_shard(model: Any, tcfg: Any) -> None:
-    """FSDP2 on CUDA: each LLM and encoder layer its own unit (frozen weights sharded, not copied),
-    bf16 compute with fp32 reductions and master weights. Unverified here: no GPU in CI."""
+def _fully_shard(model: Any, tcfg: Any, device: torch.device, world: int) -> None:
+    """FSDP2: each LLM, encoder and Q-Former layer its own unit (frozen weights sharded, not copied),
+    the rest (embeddings, queries, projection) in the root; bf16 compute with fp32 gradient
+    reductions and fp32 master weights when train.dtype=bfloat16."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if tcfg.dtype == "bfloat16" else torch.float32,
                               reduce_dtype=torch.float32)
     for layer in list(model.llm.base_model.layers) + list(model.encoder.layers) + list(model.qformer.layers):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) -> Any:

@@ -194,25 +194,30 @@ def sixteen(ray_local, corpus, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_two_workers_follow_one_worker(ray_local, sixteen, tmp_path):
     """Global batch 16 = 1 worker x 2 micro-batches of 8 = 2 workers x 1 micro-batch of 8: the same
-    examples per step, so the same trajectory up to float summation order (rel 1e-4)."""
+    examples per step, so the same trajectory up to float summation order (rel 1e-4). The same holds
+    for 2 workers under FSDP2 (train.fsdp=true: the CUDA path's sharding, over gloo), stopped after
+    step 2 and resumed from its gathered checkpoint."""
     from pipeline.train import run_training
 
     mels, teacher = sixteen
+    base = ["train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=3", "train.log_every=1",
+            "train.checkpoint_every=3", "train.lr=3e-3", "train.warmup_frac=0.34", "train.cpus_per_worker=0.5"]
     runs = {}
-    for workers in (1, 2):
-        cfg = load_config("tiny", ["train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=3",
-                                   "train.log_every=1", "train.checkpoint_every=3", "train.lr=3e-3",
-                                   "train.warmup_frac=0.34", "train.cpus_per_worker=0.5",
-                                   f"train.num_workers={workers}"])
-        out = tmp_path / f"workers-{workers}"
-        run_training(cfg, str(mels), str(teacher), str(out))
-        runs[workers] = read_metrics(out)
-    one, two = runs[1], runs[2]
-    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
+    for name, extra in (("one", ["train.num_workers=1"]), ("two", ["train.num_workers=2"]),
+                        ("fsdp", ["train.num_workers=2", "train.fsdp=true", "train.stop_at_step=2"])):
+        out = tmp_path / name
+        run_training(load_config("tiny", base + extra), str(mels), str(teacher), str(out))
+        if name == "fsdp":  # resubmitted without the stop: resumes at step 2 from the FSDP2 checkpoint
+            assert [m["step"] for m in read_metrics(out)] == [1, 2]
+            run_training(load_config("tiny", base + extra[:2]), str(mels), str(teacher), str(out))
+        runs[name] = read_metrics(out)
+    one = runs["one"]
     assert one[-1]["distill"] < one[0]["distill"]  # it trains, so the steps differ from each other
-    for a, b in zip(one, two, strict=True):
-        for key in ("loss", "distill", "align", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    for name in ("two", "fsdp"):
+        assert [m["step"] for m in runs[name]] == [m["step"] for m in one] == [1, 2, 3], name
+        for a, b in zip(one, runs[name], strict=True):
+            for key in ("loss", "distill", "align", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (name, a["step"], key)
 
 
 def first_tokens(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -262,3 +267,28 @@ def test_overfits_sixteen_clips(ray_local, sixteen, tmp_path):
     assert loss_end <= 0.1 * loss_init
     assert agree_end >= 0.9
     assert agree_init <= agree_end - 0.25
+
+
+def test_unsharded_optimizer_state_rekeyed_by_name_equals_torch_distributed():
+    """An unsharded checkpoint resumes an FSDP2 run: its optimizer state, re-keyed by parameter name
+    (pipeline.train._fqn_optimizer_state), is what torch.distributed.checkpoint's own
+    get_optimizer_state_dict gives for the same optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from pipeline.model import build_student
+    from pipeline.train import _fqn_optimizer_state, make_optimizer
+
+    cfg = load_config("tiny")
+    model = build_student(cfg, seed=0)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.train)
+    assert len(optimizer.param_groups) > 1  # decay and no-decay groups: positions are not the names' order
+    _, h = model(torch.randn(1, 128, 3000))
+    h.pow(2).mean().backward()
+    optimizer.step()
+    ours = _fqn_optimizer_state(optimizer.state_dict(), model, optimizer)
+    theirs = get_optimizer_state_dict(model, optimizer)
+    assert ours["state"].keys() == theirs["state"].keys() == model.trainable_parameters().keys()
+    for name, st in theirs["state"].items():
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(ours["state"][name][key]), torch.as_tensor(value)), (name, key)
+    assert [g["params"] for g in ours["param_groups"]] == [g["params"] for g in theirs["param_groups"]]
