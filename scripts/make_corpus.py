@@ -400,11 +400,17 @@ def render_all(clips: list[Clip], clips_dir: Path, workers: int) -> list[float]:
     """Render in a process pool (ordered results) with a one-line progress counter."""
     jobs = [(clip, str(clips_dir)) for clip in clips]
     durations = []
+    tty = sys.stderr.isatty()  # in a log (not a terminal): a line every 10%, not a \r per clip
+    step = max(1, len(jobs) // 10)
     with Pool(workers) as pool:
         for i, duration in enumerate(pool.imap(render, jobs, chunksize=4), 1):
             durations.append(duration)
-            print(f"\rrendered {i}/{len(jobs)} clips", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+            if tty:
+                print(f"\rrendered {i}/{len(jobs)} clips", end="", file=sys.stderr, flush=True)
+            elif i % step == 0 or i == len(jobs):
+                print(f"rendered {i}/{len(jobs)} clips", file=sys.stderr, flush=True)
+    if tty:
+        print(file=sys.stderr)
     return durations
 
 
