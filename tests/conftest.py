@@ -42,6 +42,18 @@ def prepared_mels(ray_local, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def teacher_cache(prepared_mels, tmp_path_factory) -> Path:
+    """Stage 2's targets for `prepared_mels` (tiny preset), once per session; treat as read-only. A
+    module that needs another cache defines its own `teacher_cache`."""
+    from pipeline.config import load_config
+    from pipeline.teacher import run_teacher
+
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    run_teacher(load_config("tiny"), str(prepared_mels), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def gcs():
     """One local GCS emulator for the session; its env (endpoint, anonymous token) is in os.environ."""
     from gcs_emulator import gcs_emulator

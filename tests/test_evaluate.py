@@ -82,15 +82,6 @@ def features():
     return load_audio(CLIPS / "common_voice_en_35680426.mp3")
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(prepared_mels, tmp_path_factory) -> Path:
-    from pipeline.teacher import run_teacher
-
-    out = tmp_path_factory.mktemp("teacher") / "teacher"
-    run_teacher(load_config("tiny"), str(prepared_mels), str(out))
-    return out
-
-
 def write_mixed_manifest(root: Path) -> Path:
     """Line 1 good, line 2 an undecodable clip (found when read), line 3 a missing clip (a bad row)."""
     clips = root / "clips"

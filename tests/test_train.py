@@ -85,15 +85,6 @@ def read_metrics(out: Path) -> list[dict]:
 # --- Ray Train on CPU ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(prepared_mels, tmp_path_factory):
-    from pipeline.teacher import run_teacher
-
-    out = tmp_path_factory.mktemp("teacher") / "teacher"
-    run_teacher(load_config("tiny"), str(prepared_mels), str(out))
-    return out
-
-
 def tiny_train(*overrides: str):
     return load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6",
                                 "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",

@@ -18,15 +18,6 @@ STEPS = 4
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(prepared_mels, tmp_path_factory):
-    from pipeline.teacher import run_teacher
-
-    out = tmp_path_factory.mktemp("teacher") / "teacher"
-    run_teacher(load_config("tiny"), str(prepared_mels), str(out))
-    return out
-
-
 def tiny_train(*overrides: str):
     # 2 micro-batches of 4 per step: the accumulation runs inside the one compiled step graph.
     return load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8", f"train.steps={STEPS}",
