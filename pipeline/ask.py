@@ -17,6 +17,7 @@ the tokenizer's chat template (the reference model's `generate(audio, text_promp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -200,10 +201,15 @@ def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: 
 def with_cache(llm: Any, cache_: Any, **kwargs: Any) -> Any:
     """llm(**kwargs) continuing from `cache_`, under the keyword this transformers calls it (`cache`
     since it deprecated `past_key_values`, which older 5.x releases still take)."""
+    return llm(**kwargs, **{_cache_keyword(type(llm)): cache_}, use_cache=True)
+
+
+@functools.cache
+def _cache_keyword(model_cls: type) -> str:
+    """Looked up once per model class, not once per generated token."""
     import inspect
 
-    name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
-    return llm(**kwargs, **{name: cache_}, use_cache=True)
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 def returned_cache(out: Any) -> Any:

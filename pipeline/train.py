@@ -71,15 +71,8 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], tcfg: Any) -> torch.op
 def save_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                     cfg: Config) -> None:
     """Trainable weights (safetensors), optimizer, step/data position, RNG states, config."""
-    from safetensors.torch import save_file
-
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_parameters().items()}
-    save_file(weights, os.path.join(directory, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
-               os.path.join(directory, "optimizer.pt"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump({"state": state, "config": cfg.to_dict()}, f, indent=2)
+    _write_checkpoint(directory, weights, optimizer.state_dict(), state, cfg)
 
 
 def save_sharded_checkpoint(directory: str, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
@@ -91,14 +84,22 @@ def save_sharded_checkpoint(directory: str, model: Any, optimizer: torch.optim.O
     weights = {k: v.full_tensor().detach().cpu().contiguous() for k, v in model.trainable_parameters().items()}
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
-    if rank != 0:
-        return
+    if rank == 0:
+        _write_checkpoint(directory, weights, optim, state, cfg, optimizer_format="fqn")
+
+
+def _write_checkpoint(directory: str, weights: dict[str, torch.Tensor], optim: dict[str, Any],
+                      state: dict[str, Any], cfg: Config, optimizer_format: str | None = None) -> None:
+    """optimizer_format "fqn": the optimizer state is keyed by parameter name (torch.distributed's
+    layout), else by position (torch.optim's)."""
     from safetensors.torch import save_file
 
     save_file(weights, os.path.join(directory, "trainable.safetensors"))
-    torch.save({"optimizer": optim, "optimizer_format": "fqn",
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
-               os.path.join(directory, "optimizer.pt"))
+    extra: dict[str, Any] = {"optimizer": optim, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                                         "python": random.getstate()}}
+    if optimizer_format:
+        extra["optimizer_format"] = optimizer_format
+    torch.save(extra, os.path.join(directory, "optimizer.pt"))
     with open(os.path.join(directory, "state.json"), "w") as f:
         json.dump({"state": state, "config": cfg.to_dict()}, f, indent=2)
 
