@@ -46,12 +46,12 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.builders import tiny_llama  # noqa: E402
 from pipeline.teacher import (  # noqa: E402
     compute_targets,
     fixed_length_efficiency,
     length_buckets,
     padding_efficiency,
-    tiny_llama,
 )
 from pipeline.template import ChatTemplate, derive_template, transcript_ids  # noqa: E402
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -59,21 +60,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline import cache  # noqa: E402
 from pipeline import commonvoice as cv  # noqa: E402
+from pipeline.backends import PlainBackend  # noqa: E402
+from pipeline.builders import load_tokenizer, tiny_llama, tiny_whisper  # noqa: E402
 from pipeline.config import ModelConfig, load_config  # noqa: E402
 from pipeline.ingest import Collate, collate, training_dataset  # noqa: E402
 from pipeline.losses import DivaLoss  # noqa: E402
-from pipeline.model import DiVA, tiny_whisper  # noqa: E402
+from pipeline.model import DiVA  # noqa: E402
 from pipeline.prepare import MELS_SCHEMA, REJECTS_SCHEMA, featurize_rows, run_prepare  # noqa: E402
+from pipeline.step import make_optimizer, train_step  # noqa: E402
 from pipeline.teacher import (  # noqa: E402
     compute_targets,
     encode_targets,
-    load_tokenizer,
     run_teacher,
     target_spec,
-    tiny_llama,
 )
 from pipeline.template import ChatTemplate, derive_template, transcript_ids  # noqa: E402
-from pipeline.train import make_optimizer  # noqa: E402
 
 BUNDLED = ROOT / "tests" / "fixtures" / "commonvoice"
 LARGE = ROOT / "runs" / "bench" / "cv-2000"
@@ -186,18 +187,19 @@ def sync(device: torch.device) -> None:
 
 
 class Stepper:
-    """One optimizer step as pipeline.train's loop takes it (one micro-batch, no accumulation), with the
-    paper's AdamW settings and clip."""
+    """One optimizer step: the training loop's own `train_step` (one micro-batch, no accumulation) on the
+    plain backend, with the paper's AdamW settings and clip."""
 
     def __init__(self, model: DiVA, template: ChatTemplate, pad_id: int, amp: torch.dtype | None):
         tcfg = load_config("paper").train
         self.model, self.template, self.pad_id, self.amp = model, template, pad_id, amp
         self.params = model.trainable_parameters()
         self.optimizer = make_optimizer(self.params, tcfg)
-        self.clip = tcfg.grad_clip
+        self.clip, self.lr = tcfg.grad_clip, tcfg.lr
         self.loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, align_reduction=tcfg.align_reduction)
         self.width = model.seq_len  # len(prefix) + 448 + len(suffix)
         self.device = model.queries.device
+        self.backend = PlainBackend(dataclasses.replace(tcfg, device=self.device.type))
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -216,15 +218,9 @@ class Stepper:
         target = self.targets(batch, teacher)
         sync(self.device)
         t_teacher = time.perf_counter() - t0
-        b = batch["tensors"]
         with self.autocast():
-            virtual, h_student = self.model(b["input_features"])
-            text = self.model.text_embeddings(b["token_ids"])
-            loss, _ = self.loss_fn(h_student, target, virtual, text, b["lengths"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            train_step(self.model, [batch["tensors"] | {"target": target}], self.loss_fn, self.optimizer,
+                       self.backend, lr=self.lr, grad_clip=self.clip)
         sync(self.device)
         return time.perf_counter() - t0, t_teacher, time.process_time() - c0
 

@@ -1,30 +1,78 @@
-"""What every `python -m jobs.X` shares: config flags, logging, connecting to Ray, exit codes."""
+"""What every `python -m jobs.X` shares: one parser (config flags), logging, connecting to Ray, exit codes."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pipeline import PipelineError
 from pipeline.config import Config, load_config, presets
 
 
-def parser(description: str, *, dataset_output: bool = False) -> argparse.ArgumentParser:
-    """Flags every job takes; `dataset_output` adds --output/--overwrite for jobs writing a dataset."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None,
-                   help=f"preset ({', '.join(presets())}) or YAML file; defaults to built-in defaults")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. prepare.rows_per_file=500")
+def parser(description: str, *, dataset_output: bool = False, config: bool = True,
+           aliases: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser every job uses: `--config PRESET|FILE.yaml` and trailing `section.key=value` overrides;
+    `dataset_output` adds --output/--overwrite for jobs writing a dataset. `aliases` maps a flag to the
+    config key it sets (`{"--device": "eval.device"}`): the same key under a shorter name, typed and with
+    the key's choices, applied after the overrides."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        p.add_argument("--config", default=None,
+                       help=f"preset ({', '.join(presets())}) or YAML file; defaults to built-in defaults")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. prepare.rows_per_file=500")
+    for flag, key in (aliases or {}).items():
+        p.add_argument(flag, dest=_dest(key), default=None, **_flag_kind(key))
+    p.set_defaults(_aliases=dict(aliases or {}))
     if dataset_output:
         p.add_argument("--output", required=True, help="output dataset dir, local or gs://")
         p.add_argument("--overwrite", action="store_true",
                        help="delete an existing output made from another plan first")
     return p
+
+
+def _dest(key: str) -> str:
+    return "alias__" + key.replace(".", "__")
+
+
+def _field(key: str) -> tuple[Any, Any]:
+    """(type, default) of a dotted config key, e.g. eval.device."""
+    cls, value = Config, Config()
+    *sections, leaf = key.split(".")
+    for part in sections:
+        cls, value = typing.get_type_hints(cls)[part], getattr(value, part)
+    return typing.get_type_hints(cls)[leaf], getattr(value, leaf)
+
+
+def _flag_kind(key: str) -> dict[str, Any]:
+    tp, default = _field(key)
+    shown = f"same as {key}=VALUE (default {default!r}: the config's)"
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+    if base is bool:
+        return {"action": "store_const", "const": True, "help": f"same as {key}=true"}
+    if typing.get_origin(base) is typing.Literal:
+        return {"choices": typing.get_args(base), "help": shown}
+    return {"type": base if base in (int, float) else str, "help": shown}
+
+
+def config(args: argparse.Namespace) -> Config:
+    """The job's Config: the preset or file, the KEY=VALUE overrides, then the alias flags given."""
+    values = {key: getattr(args, _dest(key)) for key in args._aliases.values() if getattr(args, _dest(key)) is not None}
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", []), values)
+
+
+def parse(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, Config]:
+    args = p.parse_args()
+    return args, config(args)
 
 
 def report(output: str, manifest: dict) -> int:
@@ -33,8 +81,9 @@ def report(output: str, manifest: dict) -> int:
     return 0
 
 
-def config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+def print_json(obj: Any) -> int:
+    print(json.dumps(obj, indent=2, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+    return 0
 
 
 def init_ray() -> None:

@@ -1,22 +1,19 @@
-"""Stage 2: `python -m jobs.cache_teacher --mels <prepare output> --output <dir or gs://...> [--model ...]`."""
+"""Stage 2: `python -m jobs.cache_teacher --mels <prepare output> --output <dir or gs://...> [--model ...]`.
+
+--model, --device and --dtype are the config keys teacher.model, teacher.device and teacher.dtype.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-
 from jobs import _common
+
+ALIASES = {"--model": "teacher.model", "--device": "teacher.device", "--dtype": "teacher.dtype"}
 
 
 def run() -> int:
-    p = _common.parser(__doc__, dataset_output=True)
+    p = _common.parser(__doc__, dataset_output=True, aliases=ALIASES)
     p.add_argument("--mels", required=True, help="the prepare stage's output (local or gs://)")
-    p.add_argument("--model", help="HF id or local dir of the LLM, or 'tiny' (overrides teacher.model)")
-    p.add_argument("--device", choices=["cpu", "cuda", "xla"], help="overrides teacher.device")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (teacher.dtype)")
-    args = p.parse_args()
-    cfg = _common.config(args)
-    flags = {k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype)) if v}
-    cfg.teacher = dataclasses.replace(cfg.teacher, **flags)
+    args, cfg = _common.parse(p)
     _common.init_ray()
     from pipeline.teacher import run_teacher
 

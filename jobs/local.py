@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from jobs import _common
+from pipeline import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fixtures" / "commonvoice"
@@ -39,16 +40,14 @@ def question_clip(mels_url: str, split: str) -> tuple[str, str]:
 
 
 def run() -> int:
-    p = _common.parser(__doc__)
+    p = _common.parser(__doc__, aliases={"--eval-split": "eval.split"})
     p.set_defaults(config="tiny")
     p.add_argument("--input", default=str(CORPUS), help="CommonVoice release (default: the bundled corpus)")
     p.add_argument("--output", default=str(ROOT / "runs" / "local"), help="where every stage writes")
-    p.add_argument("--eval-split", default="dev", help="split for the distillation metrics and the question")
-    args = p.parse_args()
-    cfg = _common.config(args)
+    args, cfg = _common.parse(p)
     _common.init_ray()
     from pipeline.ask import answer
-    from pipeline.evaluate import EvalConfig, run_evaluate
+    from pipeline.evaluate import run_evaluate
     from pipeline.export import export_checkpoint, load_model
     from pipeline.prepare import run_prepare
     from pipeline.report import markdown_table, plot_loss, read_metrics, training_summary
@@ -56,7 +55,7 @@ def run() -> int:
     from pipeline.train import run_training
 
     out = Path(args.output)
-    paths = {name: str(out / name) for name in ("mels", "teacher", "train", "model", "eval")}
+    paths = {name: str(out / name) for name in layout.LOCAL_STAGES}
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn, *a, **kw):
@@ -69,10 +68,9 @@ def run() -> int:
     teacher = timed("teacher", run_teacher, cfg, paths["mels"], paths["teacher"])
     timed("train", run_training, cfg, paths["mels"], paths["teacher"], paths["train"])
     timed("export", export_checkpoint, paths["train"], paths["model"], overwrite=True)
-    ecfg = EvalConfig(split=args.eval_split)
-    evaluation = timed("evaluate", run_evaluate, paths["model"], paths["eval"], ecfg, mels_url=paths["mels"],
+    evaluation = timed("evaluate", run_evaluate, paths["model"], paths["eval"], cfg.eval, mels_url=paths["mels"],
                        teacher_url=paths["teacher"], manifests=[str(t) for t in TASKS])
-    audio, transcript = question_clip(paths["mels"], args.eval_split)
+    audio, transcript = question_clip(paths["mels"], cfg.eval.split)
     model, tokenizer = load_model(paths["model"])
     reply = timed("ask", answer, model, tokenizer, audio, max_new_tokens=32)
 
@@ -86,10 +84,10 @@ def run() -> int:
         ("train steps", trained["steps"]),
         *((f"train {key} loss: first -> last", f"{trained[key]['first']:.4g} -> {trained[key]['last']:.4g}")
           for key in ("distill", "align")),
-        (f"{args.eval_split}: examples", distill["count"]),
-        (f"{args.eval_split}: L2 gap (mean)", distill["l2"]["mean"]),
-        (f"{args.eval_split}: cosine (mean)", distill["cosine"]["mean"]),
-        (f"{args.eval_split}: first-token agreement", distill["first_token_agreement"]["rate"]),
+        (f"{cfg.eval.split}: examples", distill["count"]),
+        (f"{cfg.eval.split}: L2 gap (mean)", distill["l2"]["mean"]),
+        (f"{cfg.eval.split}: cosine (mean)", distill["cosine"]["mean"]),
+        (f"{cfg.eval.split}: first-token agreement", distill["first_token_agreement"]["rate"]),
     ]
     for name, task in evaluation.get("tasks", {}).items():
         if "classification" in task:

@@ -6,14 +6,11 @@ sum and the learning rate against the step; prints the first and last values.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 from jobs import _common
 
 
 def run() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = _common.parser(__doc__, config=False)
     p.add_argument("run", help="the --output of jobs.train (local or gs://)")
     p.add_argument("--out", help="PNG path (default: <run>/loss.png)")
     args = p.parse_args()
@@ -25,8 +22,7 @@ def run() -> int:
         raise cache.DatasetError(f"{args.run}/logs/metrics.jsonl is empty: no step was logged yet")
     out = args.out or cache.join(args.run.rstrip("/"), "loss.png")
     plot_loss(metrics, out, title=f"DiVA: {args.run}")
-    print(json.dumps({"plot": out, **training_summary(metrics)}, indent=2))
-    return 0
+    return _common.print_json({"plot": out, **training_summary(metrics)})
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ def run() -> int:
     p = _common.parser(__doc__, dataset_output=True)
     p.add_argument("--input", required=True,
                    help="CommonVoice locale dir (holding clips/ and <split>.tsv), local or gs://")
-    args = p.parse_args()
-    cfg = _common.config(args)
+    args, cfg = _common.parse(p)
     _common.init_ray()
     from pipeline.prepare import run_prepare
 

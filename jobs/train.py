@@ -5,8 +5,6 @@ Resubmitting the same command resumes from the latest checkpoint under <output>/
 
 from __future__ import annotations
 
-import json
-
 from jobs import _common
 
 
@@ -15,15 +13,13 @@ def run() -> int:
     p.add_argument("--mels", required=True, help="the prepare stage's output (local or gs://)")
     p.add_argument("--teacher", required=True, help="the teacher stage's cache (local or gs://)")
     p.add_argument("--output", required=True, help="run directory: checkpoints, logs (local or gs://)")
-    args = p.parse_args()
-    cfg = _common.config(args)
+    args, cfg = _common.parse(p)
     _common.init_ray()
     from pipeline.train import run_training
 
     result = run_training(cfg, args.mels, args.teacher, args.output)
-    print(json.dumps({"output": args.output, "metrics": result.metrics,
-                      "checkpoint": result.checkpoint.path if result.checkpoint else None}, indent=2, default=str))
-    return 0
+    return _common.print_json({"output": args.output, "metrics": result.metrics,
+                               "checkpoint": result.checkpoint.path if result.checkpoint else None})
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@ checks. A clip over 30 s is rejected, not chunked: the model reads one 30 s wind
 only on clips that fit in one (prepare rejects longer ones), and cutting a question short would
 answer a different question.
 
-Generation: the first step runs the LLM on embed(prefix) ++ virtual tokens ++ embed(suffix) and
-keeps its KV cache (transformers' DynamicCache); every later step feeds one token. Greedy by
-default, temperature sampling on request. An optional instruction is rendered as the system turn of
-the tokenizer's chat template (the reference model's `generate(audio, text_prompt)` puts it there).
+Generation: transformers' `generate` on embed(prefix) ++ virtual tokens ++ embed(suffix) (its KV cache,
+its stopping), streamed token by token. Greedy by default, temperature sampling on request. An
+optional instruction is rendered as the system turn of the tokenizer's chat template (the reference
+model's `generate(audio, text_prompt)` puts it there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -170,52 +171,60 @@ def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor, *, promp
 
 def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: int, temperature: float,
             seed: int | None) -> Iterator[int]:
-    from transformers import DynamicCache
+    """transformers' own `generate` (KV cache, stopping at any stop id) in a thread, its tokens handed
+    over one at a time through a streamer. Sampling is plain softmax(logits / temperature) (no top-k or
+    top-p), drawn from the global RNG seeded with `seed` inside the thread, then restored."""
+    from transformers import GenerationConfig
 
-    llm = model.llm
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=embeds.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-    with torch.inference_mode():
-        cache_ = DynamicCache(config=llm.config)
-        # logits_to_keep=1: the LM head runs on the last position only, not on all ~458 of the prompt.
-        out = with_cache(llm, cache_, inputs_embeds=embeds, logits_to_keep=1)
-        for _ in range(max_new_tokens):
-            logits = out.logits[0, -1].float()
-            if generator is None:
-                token = int(logits.argmax())
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            yield token
-            if token in stops:
-                return
-            step = torch.tensor([[token]], dtype=torch.long, device=embeds.device)
-            out = with_cache(llm, returned_cache(out), input_ids=step, logits_to_keep=1)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
+                              pad_token_id=min(stops) if stops else None, **sampling)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    devices = [embeds.device] if embeds.device.type == "cuda" else []
+
+    def run() -> None:
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed) if seed is not None else torch.seed()
+            model.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                               streamer=streamer)
+
+    streamer = _TokenStream(run)
+    return iter(streamer)
 
 
-def with_cache(llm: Any, cache_: Any, **kwargs: Any) -> Any:
-    """llm(**kwargs) continuing from `cache_`, under the keyword this transformers calls it (`cache`
-    since it deprecated `past_key_values`, which older 5.x releases still take)."""
-    return llm(**kwargs, **{_cache_keyword(type(llm)): cache_}, use_cache=True)
+class _TokenStream:
+    """A `generate` streamer that hands token ids to the caller's thread as they are produced; an error in
+    the generating thread is raised in the caller's. The first `put` is the prompt: with inputs_embeds alone,
+    an empty tensor."""
 
+    _END = object()
 
-@functools.cache
-def _cache_keyword(model_cls: type) -> str:
-    """Looked up once per model class, not once per generated token."""
-    import inspect
+    def __init__(self, target: Any):
+        self.queue: queue.Queue = queue.Queue()
+        self.target = target
 
-    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+    def put(self, value: torch.Tensor) -> None:
+        for token in value.reshape(-1).tolist():
+            self.queue.put(int(token))
 
+    def end(self) -> None:
+        self.queue.put(self._END)
 
-def returned_cache(out: Any) -> Any:
-    """The KV cache a forward returned, under either name."""
-    new = getattr(out, "cache", None)
-    return new if new is not None else out.past_key_values
+    def _run(self) -> None:
+        try:
+            self.target()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self.queue.put(exc)
+            self.queue.put(self._END)
+
+    def __iter__(self) -> Iterator[int]:
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        while (item := self.queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        thread.join()
 
 
 def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import platform
 import posixpath
+import time
 import uuid
+from collections import Counter
+from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
@@ -23,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import PipelineError, __version__
+from pipeline.layout import MANIFEST, PLAN
 
-MANIFEST = "manifest.json"
-PLAN = "_plan.json"
+log = logging.getLogger(__name__)
 
 
 class DatasetError(PipelineError):
@@ -285,3 +289,59 @@ def split_sink(output_url: str, run_id: str, rows_per_file: int, good_dir: str, 
             return {"rows": good.num_rows, "rejects": rejects.num_rows}
 
     return SplitSink()
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """A finished per-row stage's files and the ids they hold (see `collect_outputs`)."""
+
+    good_dir: str
+    reject_dir: str
+    good: list[str]  # result files, sorted
+    rejects: list[str]  # reject files, sorted (including the ones not checked per row)
+    ids: list[str]  # ids of the result rows, in file order
+    reject_ids: list[str]  # ids of every reject row
+
+    def files(self) -> dict[str, list[str]]:
+        """The manifest's `files` entry: file names per directory."""
+        return {self.good_dir: [posixpath.basename(f) for f in self.good],
+                self.reject_dir: [posixpath.basename(f) for f in self.rejects]}
+
+
+def collect_outputs(output_url: str, good_dir: str, reject_dir: str, expected: Iterable[str], *,
+                    write_good: Any = None, skip: tuple[str, ...] = ()) -> Outputs:
+    """Repair and check a per-row stage's output before its manifest is written: duplicate rows a stale
+    writer published are dropped (`drop_duplicate_rows`), then every `expected` id must be in exactly
+    one result or reject row. Reject files named in `skip` are not per-row results (a table of TSV-row
+    rejects): they are listed and counted, not checked."""
+    fs, root = filesystem(output_url)
+
+    def listing() -> tuple[list[str], list[str], list[str]]:
+        good = parquet_files(fs, join(root, good_dir))
+        rejects = parquet_files(fs, join(root, reject_dir))
+        return good, rejects, [f for f in rejects if posixpath.basename(f) not in skip]
+
+    good, rejects, per_row = listing()
+    repaired = drop_duplicate_rows(fs, good, write_good) + drop_duplicate_rows(fs, per_row)
+    if repaired:
+        log.warning("removed %d duplicate row(s) published by a stale writer of an earlier run", repaired)
+        good, rejects, per_row = listing()
+    ids = read_column(fs, good, "id")
+    seen = Counter(ids) + Counter(read_column(fs, per_row, "id"))
+    dups = [i for i, n in seen.items() if n > 1]
+    if dups:
+        raise DatasetError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
+                           "run writing into the same output? Re-run with --overwrite")
+    missing = [i for i in expected if i not in seen]
+    if missing:
+        raise DatasetError(f"{output_url}: {len(missing)} row(s) have no output (e.g. {missing[:3]}); "
+                           "re-run to finish them")
+    return Outputs(good_dir, reject_dir, good, rejects, ids, read_column(fs, rejects, "id"))
+
+
+def write_manifest(output_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Publish a finished dataset's manifest (last: its presence means the dataset is complete)."""
+    fs, root = filesystem(output_url)
+    manifest = {**manifest, "created_unix": int(time.time())}
+    write_json(fs, join(root, MANIFEST), manifest)
+    return manifest

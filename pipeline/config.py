@@ -1,9 +1,10 @@
-"""One typed config for every stage: dataclasses, YAML presets, and `key=value` overrides.
+"""One typed config for every job: dataclasses, YAML presets, and `key=value` overrides.
 
-A run is described by a single `Config`. Presets (`tiny`, `paper`) live in `pipeline/presets/` as
-partial YAML over the dataclass defaults; a user's YAML file works the same way, and dotted
-overrides (`prepare.rows_per_file=500`) are applied last. Unknown keys and ill-typed values are
-refused with the key's full name, so a typo never silently falls back to a default.
+A run is described by a single `Config`. Presets live in `pipeline/presets/` as partial YAML over the
+dataclass defaults; a user's YAML file works the same way, and dotted overrides
+(`prepare.rows_per_file=500`) are applied last. Unknown keys, ill-typed values and choices outside a
+`Literal[...]` are refused when the config loads, naming the key (and the valid choices), so a typo
+never silently falls back to a default and no later code re-checks a choice.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,6 +25,12 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 class ConfigError(PipelineError, ValueError):
     """A config file, preset or override that does not fit the schema."""
+
+
+Device = Literal["cpu", "cuda", "xla"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+StoreDtype = Literal["bfloat16", "float16"]
+TrainablePart = Literal["queries", "qformer", "projection"]
 
 
 @dataclass(frozen=True)
@@ -79,14 +86,14 @@ class TeacherConfig:
     tiny_seed: int = 0
     # Optional system turn in the template (the paper trains without one).
     system_prompt: str | None = None
-    device: str = "cuda"  # cpu | cuda | xla
-    dtype: str = "bfloat16"  # compute dtype: float32 | bfloat16 | float16
-    target_dtype: str = "bfloat16"  # stored h_teacher: bfloat16 | float16
+    device: Device = "cuda"
+    dtype: Dtype = "bfloat16"  # compute dtype
+    target_dtype: StoreDtype = "bfloat16"  # stored h_teacher
     # Transcripts longer than this (in tokens, without the template) are rejected.
     max_transcript_tokens: int = 448
     max_tokens_per_batch: int = 16384
     max_batch_size: int = 64
-    padding_side: str = "right"
+    padding_side: Literal["left", "right"] = "right"
     # Also cache the top-k next-token ids and log-probs (for an optional KL term); 0 = off.
     top_k: int = 0
     # Rows handed to one actor call; bucketing happens within it, so more rows pack better.
@@ -112,9 +119,9 @@ class ModelConfig:
     query_init_std: float = 0.02
     # "default" (nn.Linear init) or "mean_embedding": bias = the LLM's mean token embedding, so the
     # virtual tokens start where text tokens live (the reference model's later version).
-    projection_init: str = "default"
-    # Which parts train: any of queries, qformer, projection.
-    trainable: list[str] = field(default_factory=lambda: ["queries", "qformer", "projection"])
+    projection_init: Literal["default", "mean_embedding"] = "default"
+    # Which parts train.
+    trainable: list[TrainablePart] = field(default_factory=lambda: ["queries", "qformer", "projection"])
 
 
 @dataclass
@@ -122,7 +129,7 @@ class XlaConfig:
     """`train.device=xla`: torch_xla SPMD, one process per TPU host (pipeline/xla.py)."""
 
     # PJRT device: TPU on TPU VMs; CPU (with cpu_num_devices virtual devices) for tests.
-    pjrt_device: str = "TPU"
+    pjrt_device: Literal["TPU", "CPU"] = "TPU"
     cpu_num_devices: int | None = None
     # Data-parallel replicas inside a slice; the slice's other devices form the fsdp axis. Across
     # slices the data axis also spans the slices (DCN), so FSDP traffic stays on ICI.
@@ -143,7 +150,7 @@ class XlaConfig:
 class TrainConfig:
     """Stage 3: the optimisation (the paper's: AdamW 5e-5, wd 0.1, 1% warmup, cosine to 0, batch 512)."""
 
-    device: str = "cpu"  # cpu | cuda | xla
+    device: Device = "cpu"
     num_workers: int = 1
     # CPUs Ray reserves per worker (torch threads: the node's CPUs / workers). Leave some to Ray Data's ingest:
     # on a 2-CPU machine, 2 workers x 1 CPU would starve the reads and the join.
@@ -160,9 +167,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     w_distill: float = 1.0
     w_align: float = 1.0
+    # Beyond the paper: a KL term on the teacher's cached top-k next-token log-probs (needs a cache made
+    # with teacher.top_k > 0). 0 = off, as in the paper.
+    w_kl: float = 0.0
     # "sum" over a transcript's tokens (paper Eq. 1) or "token_mean" (the released code's scaling).
-    align_reduction: str = "sum"
-    dtype: str = "float32"  # float32 | bfloat16 (frozen encoder/LLM; trainable weights stay float32)
+    align_reduction: Literal["sum", "token_mean"] = "sum"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen encoder/LLM; trainable weights stay float32
     activation_checkpointing: bool = False
     # FSDP2 (`fully_shard`): null = on for cuda (any worker count; it also carries bf16 compute), off
     # for cpu; true on cpu runs the same sharded path over gloo (tests, big-memory CPU nodes).
@@ -183,12 +193,42 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Inference (evaluate, ask): how the exported model runs; the model directory fixes the model itself."""
+
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: one GPU per actor
+    dtype: Dtype = "float32"  # the frozen encoder and LLM
+    split: str = "dev"
+    batch_size: int = 8  # distillation examples per forward pass
+    task_batch_size: int = 4  # manifest rows per actor call (answered one by one)
+    num_actors: int = 1
+    max_new_tokens: int = 64
+    # Classification: a label's score is the sum (its log-probability) or the mean of its token log-probs.
+    label_score: Literal["sum", "mean"] = "sum"
+    skip_bad_rows: bool = False  # evaluate the good rows of a manifest with bad ones (listed in the summary)
+    # Override the base checkpoints the model directory names (e.g. a local copy).
+    whisper: str | None = None
+    llm: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "task_batch_size", "num_actors", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, not {getattr(self, name)}")
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.w_kl > 0 and self.teacher.top_k <= 0:
+            raise ConfigError(f"train.w_kl={self.train.w_kl} needs the teacher's top-k log-probs: set teacher.top_k "
+                              "> 0 (and cache the targets with it)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,8 +238,10 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from a preset name or YAML path (or defaults), then apply overrides."""
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Build a Config from a preset name or YAML path (or defaults), then apply `key=value` overrides
+    (values parsed as YAML), then `values` ({dotted key: value}, already typed: a job's flags)."""
     data: dict[str, Any] = {}
     if source:
         path = Path(source)
@@ -216,6 +258,8 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value)
     return from_dict(Config, data)
 
 
@@ -265,6 +309,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

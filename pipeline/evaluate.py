@@ -1,37 +1,15 @@
 """Evaluate an exported model: the distillation gap on a prepared split, and spoken tasks from JSONL manifests.
 
-Distillation (per example of a prepared split joined with its teacher cache), with O the LLM's LM head:
-``l2`` = ||h_student - h_teacher||_2 (the training loss, paper section 3.2.2), ``cosine`` = cos(h_student,
-h_teacher), ``agree`` = argmax(O h_student) == argmax(O h_teacher) (do both answers start with the same token?)
-and ``kl`` = KL(softmax(O h_teacher) || softmax(O h_student)), the divergence Lemma 1 bounds by the L2 gap.
+Distillation, per example of a prepared split joined with its teacher cache (O = the LLM's head): ``l2`` =
+||h_student - h_teacher||_2, ``cosine``, ``agree`` = argmax(O h_s) == argmax(O h_t), and ``kl`` =
+KL(softmax(O h_t) || softmax(O h_s)), the divergence Lemma 1 bounds by the L2 gap. Tasks: one JSONL
+manifest per task (`{"audio", "instruction", "reference", "task": "generation" | "classification",
+"labels", "id", "meta"}`, audio relative to the manifest); generation is scored by exact/contains match
+and BLEU, classification by each label's log-probability as the answer (the paper's protocol; the choice
+of sum over mean is argued in docs/design.md, "Evaluation"). The pure core needs no Ray; Ray Data actor
+pools run it, and `run_evaluate` writes:
 
-Tasks (paper section 5.1): one JSONL manifest per task, one row per spoken example:
-
-    {"audio": "clips/a.mp3", "instruction": "..." | null, "reference": "...",
-     "task": "generation" | "classification", "labels": ["Yes", "No"],   # classification only
-     "id": "...", "meta": {...}}                                          # optional
-
-Audio paths are relative to the manifest's directory (or absolute, or URLs). The instruction goes into the
-system turn, as `jobs.ask --prompt` does. ``generation`` answers greedily and is scored by exact and
-contains match of the normalised texts (`normalise`) and by sacrebleu's corpus BLEU. ``classification``
-follows the paper's protocol for emotion, sarcasm and humour (after Hendrycks et al., 2021): each label is
-scored by its log-probability as the answer, i.e. the sum of its tokens' log-probs as the continuation of
-the audio + instruction prompt, and the best label is the prediction. The sum is the log-probability of
-the label as a whole string, which is what the paper compares (for one-token labels such as Llama 3's
-"Yes"/"No" every scoring agrees). It is not length-normalised by default: the mean would favour long
-labels whose later tokens are near-certain once the first is chosen, and the label's probability has no
-length bias to correct when the answer is the label alone. `label_score="mean"` is there for label sets
-of very different token lengths; both scores are written per example.
-
-The pure core (`distill_metrics`, `label_logprobs`, `classify`, `read_manifest`, the scorers) needs no
-Ray; `evaluate_distillation` and `evaluate_tasks` run it in Ray Data actor pools (one model per actor)
-and `run_evaluate` writes the outputs:
-
-    <out>/summary.json                          everything below, in one file
-    <out>/distillation/examples.parquet         id, n_tokens, l2, cosine, kl, student/teacher token, agree
-    <out>/distillation/summary.json             count, mean, median, ... per metric; the join's counts
-    <out>/tasks/<manifest stem>/examples.jsonl  one line per manifest row, in manifest order
-    <out>/tasks/<manifest stem>/summary.json    per task type: exact/contains/BLEU, or accuracy/F1
+    <out>/summary.json, distillation/{examples.parquet,summary.json}, tasks/<stem>/{examples.jsonl,summary.json}
 """
 
 from __future__ import annotations
@@ -56,8 +34,8 @@ import pyarrow as pa
 import torch
 
 from pipeline import PipelineError, cache
-from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template, returned_cache, with_cache
-from pipeline.config import Config, from_dict
+from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template
+from pipeline.config import Config, EvalConfig, from_dict
 from pipeline.export import audio_settings, load_model, local_model_dir, read_config
 from pipeline.ingest import collate, training_dataset
 from pipeline.teacher import target_spec
@@ -66,9 +44,6 @@ from pipeline.template import ChatTemplate, transcript_ids
 log = logging.getLogger(__name__)
 
 TASK_TYPES = ("generation", "classification")
-LABEL_SCORES = ("sum", "mean")
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
 FIELDS = ("audio", "instruction", "reference", "task", "labels", "id", "meta")
 MAX_LISTED_ERRORS = 20
 DISTILL_DIR, TASKS_DIR, SUMMARY, EXAMPLES = "distillation", "tasks", "summary.json", "examples"
@@ -80,35 +55,6 @@ class EvalError(PipelineError, ValueError):
 
 class ManifestError(EvalError):
     """Task manifests with bad rows; the message names each file and line and the reason."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How the evaluation runs (the model directory fixes everything about the model itself)."""
-
-    device: str = "cpu"  # cpu | cuda (an actor per GPU)
-    dtype: str = "float32"  # the frozen encoder and LLM; float32 | bfloat16 | float16
-    split: str = "dev"
-    batch_size: int = 8  # distillation examples per forward pass
-    task_batch_size: int = 4  # manifest rows per actor call (answered one by one)
-    num_actors: int = 1
-    max_new_tokens: int = 64
-    label_score: str = "sum"  # sum | mean (see the module docstring)
-    skip_bad_rows: bool = False  # evaluate the good rows of a manifest with bad ones (listed in the summary)
-    whisper: str | None = None  # override the base checkpoints the model directory names (e.g. a local copy)
-    llm: str | None = None
-
-    def check(self) -> EvalConfig:
-        if self.device not in DEVICES:
-            raise EvalError(f"device must be one of {list(DEVICES)}, not {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise EvalError(f"dtype must be one of {list(DTYPES)}, not {self.dtype!r}")
-        if self.label_score not in LABEL_SCORES:
-            raise EvalError(f"label_score must be one of {list(LABEL_SCORES)}, not {self.label_score!r}")
-        for name in ("batch_size", "task_batch_size", "num_actors", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise EvalError(f"{name} must be >= 1, not {getattr(self, name)}")
-        return self
 
 
 # --- distillation metrics (pure) ----------------------------------------------------------------------------------
@@ -218,13 +164,13 @@ def label_logprobs(model: Any, template: ChatTemplate, input_features: torch.Ten
     embeds = llm_inputs(model, template, input_features)
     out: list[list[float]] = []
     with torch.inference_mode():
-        prompt = with_cache(llm, DynamicCache(config=llm.config), inputs_embeds=embeds, logits_to_keep=1)
+        prompt = llm(inputs_embeds=embeds, cache=DynamicCache(config=llm.config), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
         for ids in label_ids:
             scores = [float(first[ids[0]])]
             if len(ids) > 1:
-                rest = with_cache(llm, copy.deepcopy(returned_cache(prompt)),
-                                  input_ids=torch.tensor([list(ids[:-1])], dtype=torch.long, device=embeds.device))
+                rest = llm(input_ids=torch.tensor([list(ids[:-1])], dtype=torch.long, device=embeds.device),
+                           cache=copy.deepcopy(prompt.cache), use_cache=True)
                 logprobs = torch.log_softmax(rest.logits[0].float(), dim=-1)
                 targets = torch.tensor(list(ids[1:]), dtype=torch.long, device=logprobs.device)
                 scores += logprobs[torch.arange(len(ids) - 1, device=logprobs.device), targets].tolist()
@@ -233,8 +179,7 @@ def label_logprobs(model: Any, template: ChatTemplate, input_features: torch.Ten
 
 
 def label_score(token_logprobs: Sequence[float], how: str = "sum") -> float:
-    if how not in LABEL_SCORES:
-        raise EvalError(f"label_score must be one of {list(LABEL_SCORES)}, not {how!r}")
+    """A label's score: the sum of its tokens' log-probs (its log-probability) or their mean (eval.label_score)."""
     total = float(sum(token_logprobs))
     return total if how == "sum" else total / len(token_logprobs)
 
@@ -544,7 +489,6 @@ def evaluate_distillation(model_dir: str, mels_url: str, teacher_url: str, ecfg:
     cache, which must be the one the model's LLM and template produce (else cache.DatasetError)."""
     from transformers import AutoTokenizer
 
-    ecfg.check()
     local = local_model_dir(model_dir)
     config = read_config(local)
     tokenizer = AutoTokenizer.from_pretrained(local)
@@ -571,7 +515,6 @@ def evaluate_tasks(model_dir: str, tasks: Sequence[tuple[str, Sequence[TaskExamp
     """{task name: evaluated rows in manifest order} for the rows of `read_manifests`."""
     import ray.data
 
-    ecfg.check()
     items = [{**dataclasses.asdict(row), "labels": list(row.labels) if row.labels else None}
              for _, rows in tasks for row in rows]
     if not items:
@@ -592,7 +535,6 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
                  teacher_url: str | None = None, manifests: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate and write everything under `output_url` (see the module docstring); returns the summary.
     Manifests are checked before any model loads; files from an earlier evaluation there are replaced."""
-    ecfg.check()
     if (mels_url is None) != (teacher_url is None):
         raise EvalError("the distillation metrics need both a prepared dataset (mels) and its teacher cache")
     if mels_url is None and not manifests:

@@ -1,6 +1,6 @@
 """Export: a training checkpoint -> a self-contained model directory that inference loads.
 
-A training checkpoint (pipeline.train) holds only what trains, under our own module names, plus
+A training checkpoint (pipeline.checkpoint) holds only what trains, under our own module names, plus
 the optimizer and the run's config. The export directory holds what inference needs, in the layout
 of the released reference model (WillHeld/DiVA-llama-3-v0-8b, `modeling_diva.py`):
 
@@ -25,7 +25,6 @@ model's `generate(audio, text_prompt)` does (it replaces the export's own system
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -39,10 +38,20 @@ from typing import Any
 
 import torch
 
-from pipeline import PipelineError, cache
+from pipeline import PipelineError, cache, layout
+from pipeline import checkpoint as ckpt
+from pipeline.builders import (
+    TINY_LLAMA,
+    TINY_WHISPER,
+    load_llm,
+    load_tokenizer,
+    load_whisper,
+    student_whisper,
+    tiny_llama,
+    tiny_whisper,
+)
 from pipeline.config import Config, FeatureConfig, ModelConfig, PrepareConfig, from_dict
-from pipeline.model import TINY_WHISPER, TRAINABLE_PARTS, DiVA, build_student, load_whisper, student_whisper
-from pipeline.teacher import TINY_LLAMA, load_llm, load_tokenizer, tiny_llama
+from pipeline.model import TRAINABLE_PARTS, DiVA, build_student
 from pipeline.template import ChatTemplate, TemplateError, derive_template
 
 log = logging.getLogger(__name__)
@@ -50,7 +59,6 @@ log = logging.getLogger(__name__)
 FORMAT = "diva-ray-export"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-CHECKPOINT_WEIGHTS, CHECKPOINT_STATE = "trainable.safetensors", "state.json"
 # What a model directory cannot do without (the tokenizer's other files depend on its kind).
 REQUIRED_FILES = (CONFIG, WEIGHTS, "tokenizer_config.json")
 CONNECTOR = "connector."
@@ -70,54 +78,34 @@ class ModelDirError(PipelineError):
 def resolve_checkpoint(url: str) -> str:
     """A checkpoint directory itself, or the latest complete one under a run directory
     (<run>/train/checkpoint_*, where Ray Train keeps them) or a Ray Train run directory
-    (<run>/train). Latest = highest step in its state.json, then the latest name (Ray names them
-    checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>). Directories missing a file are skipped: an upload
-    interrupted by a crash."""
+    (<run>/train). Latest = highest step in its checkpoint.json, then the latest name (Ray names them
+    checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>). Directories without checkpoint.json are skipped: an
+    upload interrupted by a crash."""
     fs, root = cache.filesystem(url)
-    if fs.exists(cache.join(root, CHECKPOINT_WEIGHTS)):
+    if fs.exists(cache.join(root, ckpt.META)):
         return url
     candidates: list[tuple[int, str, str]] = []
-    for base in (root, cache.join(root, "train")):
+    for base in (root, cache.join(root, layout.TRAIN_RUN)):
         if not fs.isdir(base):
             continue
         for path in fs.ls(base, detail=False):
             name = posixpath.basename(path.rstrip("/"))
             if not name.startswith("checkpoint_") or not fs.isdir(path):
                 continue
-            state = cache.read_json(fs, cache.join(path, CHECKPOINT_STATE))
-            if state is None or not fs.exists(cache.join(path, CHECKPOINT_WEIGHTS)):
-                log.warning("skipping incomplete checkpoint %s", path)
+            meta = cache.read_json(fs, cache.join(path, ckpt.META))
+            if meta is None:
+                log.warning("skipping incomplete checkpoint %s (no %s)", path, ckpt.META)
                 continue
-            candidates.append((int(state.get("state", {}).get("step", -1)), name, path))
+            candidates.append((int(meta.get("state", {}).get("step", -1)), name, path))
     if not candidates:
-        raise ExportError(f"{url}: no checkpoint here: expected {CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE} in it, "
-                          f"or complete checkpoint_* directories in it or in its train/ directory")
+        raise ExportError(f"{url}: no checkpoint here: expected {ckpt.META} in it, or complete checkpoint_* "
+                          f"directories in it or in its {layout.TRAIN_RUN}/ directory")
     _, _, path = max(candidates)
     return _with_protocol(url, fs, path)
 
 
 def _with_protocol(url: str, fs: Any, path: str) -> str:
     return path if cache.is_local(fs) and "://" not in url else fs.unstrip_protocol(path)
-
-
-def _fetch_checkpoint(url: str, into: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """(trainable weights, state.json, sha256 of the weights file) of one checkpoint directory."""
-    from safetensors.torch import load_file
-
-    fs, root = cache.filesystem(url)
-    local = os.path.join(into, CHECKPOINT_WEIGHTS)
-    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
-        if not fs.exists(cache.join(root, name)):
-            raise ExportError(f"{url}: incomplete checkpoint: {name} is missing")
-    fs.get(cache.join(root, CHECKPOINT_WEIGHTS), local)
-    saved = cache.read_json(fs, cache.join(root, CHECKPOINT_STATE)) or {}
-    if "config" not in saved:
-        raise ExportError(f"{url}/{CHECKPOINT_STATE}: no 'config' entry; not a checkpoint written by pipeline.train")
-    sha = hashlib.sha256()
-    with open(local, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha.update(block)
-    return load_file(local), saved, sha.hexdigest()
 
 
 # --- the reference layout ---------------------------------------------------------------------------
@@ -151,8 +139,7 @@ def _student_state(weights: dict[str, torch.Tensor], cfg: Config, tokenizer: Any
         return weights
     log.info("checkpoint trains only %s: rebuilding the student for the initial values of the rest",
              sorted(present))
-    cpu = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, device="cpu", dtype="float32"))
-    model = build_student(cpu, tokenizer, seed=cfg.train.seed, device="cpu")
+    model = build_student(_on_cpu(cfg), tokenizer, seed=cfg.train.seed, device="cpu")
     model.load_trainable(weights)
     return {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in TRAINABLE_PARTS}
 
@@ -209,39 +196,65 @@ def export_checkpoint(checkpoint: str, out: str, *, overwrite: bool = False) -> 
     """Write the model directory for `checkpoint` (a checkpoint dir, or a run dir: its latest) to `out`
     (local or any fsspec URL) and return `out`. Re-exporting the same checkpoint into the same
     directory is a no-op; another export already there is kept unless `overwrite`."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    try:
+        opened = ckpt.Checkpoint(checkpoint)
+    except ckpt.CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    weight_files = {k: v for k, v in opened.meta["files"].items() if k == ckpt.WEIGHTS or "/weights-" in k}
+    source = {"checkpoint": checkpoint, "step": opened.state.step, "trainable_sha256": cache.fingerprint(weight_files)}
+
+    def weights() -> dict[str, torch.Tensor]:
+        try:
+            return opened.weights()
+        except ckpt.CheckpointError as exc:
+            raise ExportError(str(exc)) from None
+
+    return _export(weights, from_dict(Config, opened.config), source, out, overwrite)
+
+
+def export_untrained(cfg: Config, out: str, *, overwrite: bool = False) -> str:
+    """The student as training initialises it (seed train.seed), exported like a checkpoint at step 0: the
+    baseline a trained model is compared against."""
+    def weights() -> dict[str, torch.Tensor]:
+        model = build_student(_on_cpu(cfg), seed=cfg.train.seed, device="cpu")
+        return {k: v.detach() for k, v in model.trainable_parameters().items()}
+
+    source = {"checkpoint": None, "step": 0, "trainable_sha256": f"untrained-{cache.fingerprint(cfg.to_dict())}"}
+    return _export(weights, cfg, source, out, overwrite)
+
+
+def _on_cpu(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, device="cpu", dtype="float32"))
+
+
+def _export(weights: Any, cfg: Config, source: dict[str, Any], out: str, overwrite: bool) -> str:
+    """Write the export of `weights()` (trainable tensors by name; called only when there is work) to `out`."""
     from safetensors.torch import save_file
 
-    checkpoint = resolve_checkpoint(checkpoint)
     out_fs, out_root = cache.filesystem(out)
+    existing = cache.read_json(out_fs, cache.join(out_root, CONFIG))
+    if existing is not None and existing.get("source", {}).get("trainable_sha256") == source["trainable_sha256"]:
+        log.info("%s already holds the export of %s; nothing to do", out, source["checkpoint"] or "the untrained model")
+        return out
+    if not overwrite and out_fs.exists(out_root) and out_fs.ls(out_root, detail=False):
+        raise ExportError(f"{out}: exists and holds something else "
+                          f"({'another export' if existing else 'not an export'}); pass overwrite to replace it")
+    try:
+        tokenizer = load_tokenizer(cfg.teacher)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{source['checkpoint']}: cannot load the tokenizer its config names "
+                          f"({cfg.teacher.tokenizer or cfg.teacher.model}): {exc}") from exc
+    template = derive_template(tokenizer, cfg.teacher.system_prompt)
+    student = _student_state(weights(), cfg, tokenizer)
+    decoder = student_whisper(cfg.model, cfg.features.n_mels).base_model.decoder
+    ref = reference_weights(student, decoder.state_dict())
+    config = export_config(cfg, template, tokenizer, ref, source | {"config": cfg.to_dict()})
     with tempfile.TemporaryDirectory(prefix="diva-export-") as tmp:
-        weights, saved, sha = _fetch_checkpoint(checkpoint, tmp)
-        existing = cache.read_json(out_fs, cache.join(out_root, CONFIG))
-        if existing is not None and existing.get("source", {}).get("trainable_sha256") == sha:
-            log.info("%s already holds the export of %s; nothing to do", out, checkpoint)
-            return out
-        if not overwrite and out_fs.exists(out_root) and out_fs.ls(out_root, detail=False):
-            raise ExportError(f"{out}: exists and holds something else "
-                              f"({'another export' if existing else 'not an export'}); pass overwrite to replace it")
-        cfg: Config = from_dict(Config, saved["config"])
-        try:
-            tokenizer = load_tokenizer(cfg.teacher)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"{checkpoint}: cannot load the tokenizer its config names "
-                              f"({cfg.teacher.tokenizer or cfg.teacher.model}): {exc}") from exc
-        template = derive_template(tokenizer, cfg.teacher.system_prompt)
-        student = _student_state(weights, cfg, tokenizer)
-        decoder = student_whisper(cfg.model, cfg.features.n_mels).base_model.decoder
-        ref = reference_weights(student, decoder.state_dict())
-        source = {"checkpoint": checkpoint, "step": saved.get("state", {}).get("step"), "trainable_sha256": sha,
-                  "config": cfg.to_dict()}
-        config = export_config(cfg, template, tokenizer, ref, source)
-
-        stage = os.path.join(tmp, "model")
-        os.makedirs(stage)
-        save_file(ref, os.path.join(stage, WEIGHTS), metadata={"format": "pt", "layout": "diva-reference"})
-        tokenizer.save_pretrained(stage)
-        _publish(stage, config, out_fs, out_root)
-    log.info("exported %s (step %s) to %s", checkpoint, source["step"], out)
+        save_file(ref, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "layout": "diva-reference"})
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, config, out_fs, out_root)
+    log.info("exported %s (step %s) to %s", source["checkpoint"] or "the untrained student", source["step"], out)
     return out
 
 
@@ -316,6 +329,10 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     path = local_model_dir(path)
     config = read_config(path)
     try:
+        ckpt.refuse_pickles(path, "model directory")
+    except ckpt.CheckpointError as exc:
+        raise ModelDirError(str(exc)) from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{path}: the tokenizer does not load: {exc}") from exc
@@ -334,8 +351,6 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
     wspec, lspec = config["whisper"], config["llm"]
     if wspec["tiny"] and whisper is None:
-        from pipeline.model import tiny_whisper
-
         base = tiny_whisper(wspec["tiny"]["seed"], wspec["tiny"]["n_mels"], **wspec["tiny"]["config"])
         base = base.to(device=device, dtype=dtype)
     else:

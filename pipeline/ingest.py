@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import cache
+from pipeline.layout import MELS_DIR, MELS_KIND, REJECTS_DIR, TARGETS_DIR
 
 if TYPE_CHECKING:
     import ray.data
@@ -33,10 +34,7 @@ log = logging.getLogger(__name__)
 
 MEL_COLUMNS = ["id", "mel", "mel_pad_value"]
 TARGET_COLUMNS = ["id", "token_ids", "target"]
-# Layouts of the stages' outputs (prepare.MELS_DIR, teacher.TARGETS_DIR/REJECTS_DIR; a test holds them equal),
-# named here so that the Ray Data tasks, which import this module, need not import torch and transformers.
-MELS_KIND, MELS_DIR = "mels", "mels"
-TARGETS_DIR, REJECTS_DIR = "targets", "rejects"
+TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]  # read when the training run uses the KL term (train.w_kl > 0)
 # Bytes of input per join partition: about one Ray Data block (128 MiB), so a partition's join fits
 # a reduce task's memory several times over.
 PARTITION_BYTES = 128 * 2**20
@@ -63,6 +61,7 @@ def collate(
     `token_ids` [B, num_queries] int64 holds each transcript's first `num_queries` tokens, right-padded
     with 0; `lengths` [B] int64 is the ORIGINAL token count (not clipped), so the loss can count
     truncation and clamp it itself; `target` [B, H] float32 is `teacher.decode_target` of each row.
+    Rows that carry the teacher's top-k (`topk_ids`, `topk_logprobs`) give them as [B, k] tensors.
     """
     import torch
 
@@ -110,12 +109,17 @@ def collate(
     # Exactly teacher.decode_target, for the whole batch at once (bf16 has no numpy dtype).
     target = torch.from_numpy(raw).view(getattr(torch, target_dtype)).float()
 
-    return {
+    out = {
         "input_features": torch.from_numpy(features),
         "token_ids": torch.from_numpy(np.ascontiguousarray(token_ids, dtype=np.int64)),
         "lengths": torch.from_numpy(lengths),
         "target": target,
     }
+    if "topk_ids" in batch:  # the teacher's top-k next tokens, for the optional KL term: [B, k] each
+        out["topk_ids"] = torch.from_numpy(np.stack([np.asarray(t, dtype=np.int64) for t in batch["topk_ids"]]))
+        out["topk_logprobs"] = torch.from_numpy(
+            np.stack([np.asarray(t, dtype=np.float32) for t in batch["topk_logprobs"]]))
+    return out
 
 
 class Collate(NumpyBatchCollateFn):
@@ -164,42 +168,19 @@ def training_dataset(
     shuffle_seed: int | None = None,
     num_partitions: int | None = None,
     skip_missing_files: bool = False,
+    topk: bool = False,
 ) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """(Dataset of joined rows: id, mel, mel_pad_value, token_ids, target; what joined and what did not).
 
     Refuses (cache.DatasetError) an unfinished dataset, a teacher cache for another model/template
     than `expect` (`teacher.target_spec` of the caller's LLM) or made from another mels dataset, an
     unknown split, a split where nothing joins, and files a manifest lists that are gone - unless
-    `skip_missing_files`: then their rows are left out and named in the counts.
-
-    Join: Ray Data's hash join (inner on `id`; needs polars) over `num_partitions` (default: one per
-    ~128 MiB of input), because both sides outgrow one machine: targets are ~8 KB per clip, too big
-    to broadcast to every task over millions of clips, and mels are 16x bigger. Each listed file is
-    read by one Ray Data task through the stages' own fsspec filesystem (gcsfs for gs://), only the
-    needed columns, mels filtered to `split` at the scan. Counts come from the id columns alone.
-
-    Shuffle: with `shuffle_seed`, rows are sorted by `shuffle_key(id, seed)` (kept as a column): a
-    full shuffle at the cost of one more all-to-all pass, like `random_shuffle`, but its order,
-    `shuffled_order(ids, seed)`, is the same in every execution (epoch, resumed run); another seed
-    gives another. `random_shuffle(seed=...)` would not be: its output depends on the blocks the
-    join hands it, which vary between runs. Block-order randomisation plus a local shuffle buffer
-    at iteration moves no data but is not reproducible either, and mixes less (though every join
-    block is already a hash-random subset). Without a seed, rows come in the join's order.
+    `skip_missing_files`: then their rows are left out and named in the counts. Rows are joined on `id`
+    (Ray Data's hash join over `num_partitions`, default one per ~128 MiB of input) and, with
+    `shuffle_seed`, put in `shuffled_order` (the same in every execution): docs/design.md, "Ingest".
+    `topk`: also the teacher's cached top-k columns (the KL term's targets).
     """
-    from pipeline.teacher import open_teacher
-
-    mels = cache.check_manifest(mels_url, kind=MELS_KIND)
-    teacher = open_teacher(teacher_url, expect)
-    made_from = teacher["input"]["fingerprint"]
-    if made_from != mels["fingerprint"]:
-        raise cache.DatasetError(
-            f"{teacher_url} holds targets made from another mels dataset ({teacher['input']['url']}, fingerprint "
-            f"{made_from[:12]}) than {mels_url} (fingerprint {mels['fingerprint'][:12]}); run the teacher stage on "
-            f"{mels_url}")
-    splits = mels["source"]["splits"]
-    if split not in splits:
-        raise cache.DatasetError(f"{mels_url} has no split {split!r}; it holds {', '.join(splits)}")
-
+    mels, teacher = _opened(mels_url, teacher_url, expect, split, topk)
     mel_files, mel_bytes, missing_mels = _listed_files(mels_url, MELS_DIR, mels["files"][MELS_DIR])
     target_files, target_bytes, missing_targets = _listed_files(teacher_url, TARGETS_DIR, teacher["files"][TARGETS_DIR])
     reject_files, _, _ = _listed_files(teacher_url, REJECTS_DIR, teacher["files"].get(REJECTS_DIR, []))
@@ -211,6 +192,12 @@ def training_dataset(
             "skip_missing_files to train without their rows")
 
     counts, mels_in_split = _count(mels_url, mel_files, teacher_url, target_files, reject_files, split)
+    _check_join(counts, split, mels_url, teacher_url)
+    share = mels_in_split / max(1, sum(mels["counts"]["clips_by_split"].values()))
+    # What the split's rows weigh on disk (Parquet, compressed): the join's and the cache's yardstick.
+    input_bytes = int(mel_bytes * share + target_bytes)
+    if num_partitions is None:
+        num_partitions = max(1, math.ceil(input_bytes / PARTITION_BYTES))
     info: dict[str, Any] = {
         "split": split,
         **counts,
@@ -222,30 +209,49 @@ def training_dataset(
         "mels_fingerprint": mels["fingerprint"],
         "target_fingerprint": teacher["target_fingerprint"],
         "shuffle_seed": shuffle_seed,
+        "input_bytes": input_bytes,
+        "num_partitions": num_partitions,
     }
-    c = info["counts"]
+    left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
+    right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS + (TOPK_COLUMNS if topk else []))
+    ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
+    if shuffle_seed is not None:
+        ds = _shuffle(ds, shuffle_seed)
+    log.info("ingest: %s split of %s joined with %s: %s", split, mels_url, teacher_url, info["counts"])
+    return ds, info
+
+
+def _opened(mels_url: str, teacher_url: str, expect: dict[str, Any] | None, split: str,
+            topk: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two manifests, refusing a pair that does not belong together or lacks what is asked for."""
+    from pipeline.teacher import open_teacher
+
+    mels = cache.check_manifest(mels_url, kind=MELS_KIND)
+    teacher = open_teacher(teacher_url, expect)
+    made_from = teacher["input"]["fingerprint"]
+    if made_from != mels["fingerprint"]:
+        raise cache.DatasetError(
+            f"{teacher_url} holds targets made from another mels dataset ({teacher['input']['url']}, fingerprint "
+            f"{made_from[:12]}) than {mels_url} (fingerprint {mels['fingerprint'][:12]}); run the teacher stage on "
+            f"{mels_url}")
+    if topk and not teacher["target"].get("top_k"):
+        raise cache.DatasetError(f"{teacher_url} holds no top-k log-probs (made with teacher.top_k=0): the KL term "
+                                 "(train.w_kl > 0) needs a cache made with teacher.top_k > 0")
+    splits = mels["source"]["splits"]
+    if split not in splits:
+        raise cache.DatasetError(f"{mels_url} has no split {split!r}; it holds {', '.join(splits)}")
+    return mels, teacher
+
+
+def _check_join(counts: dict[str, Any], split: str, mels_url: str, teacher_url: str) -> None:
+    c = counts["counts"]
     if c["matched"] == 0:
         raise cache.DatasetError(f"nothing to train on: none of the {c['mels']} {split!r} clips in {mels_url} has a "
                                  f"target in {teacher_url} ({c['targets']} targets)")
     if c["mels_without_target"] or c["targets_without_mels"] > c["targets_in_other_splits"]:
         log.warning("ingest: %d of %d %r clips have no target %s; %d targets have no mels row at all",
-                    c["mels_without_target"], c["mels"], split, info["mels_without_target_by_reason"],
+                    c["mels_without_target"], c["mels"], split, counts["mels_without_target_by_reason"],
                     c["targets_without_mels"] - c["targets_in_other_splits"])
-
-    share = mels_in_split / max(1, sum(mels["counts"]["clips_by_split"].values()))
-    # What the split's rows weigh on disk (Parquet, compressed): the join's and the cache's yardstick.
-    info["input_bytes"] = int(mel_bytes * share + target_bytes)
-    if num_partitions is None:
-        num_partitions = max(1, math.ceil(info["input_bytes"] / PARTITION_BYTES))
-    info["num_partitions"] = num_partitions
-
-    left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
-    right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS)
-    ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
-    if shuffle_seed is not None:
-        ds = _shuffle(ds, shuffle_seed)
-    log.info("ingest: %s split of %s joined with %s: %s", split, mels_url, teacher_url, c)
-    return ds, info
 
 
 def _n_frames(features: dict[str, Any]) -> int:

@@ -20,80 +20,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
+import typing
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    WhisperConfig,
-    WhisperForConditionalGeneration,
-    WhisperModel,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperForConditionalGeneration, WhisperModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pipeline.config import Config, ModelConfig
-from pipeline.teacher import load_teacher_model, load_tokenizer
+from pipeline.builders import load_teacher_model, load_tokenizer, student_whisper
+from pipeline.config import Config, ModelConfig, TrainablePart
 from pipeline.template import ChatTemplate, derive_template
 
-TRAINABLE_PARTS = ("queries", "qformer", "projection")
-PROJECTION_INITS = ("default", "mean_embedding")
+TRAINABLE_PARTS = typing.get_args(TrainablePart)
 MEAN_INIT_SPREAD = 0.1
-
-# Whisper-large-v3's layout (128 mel bins, 1500 encoder / 448 decoder positions, its vocabulary) at a
-# width and depth that runs in milliseconds on a CPU: for tests and the local default.
-TINY_WHISPER: dict[str, Any] = {
-    "vocab_size": 51866,
-    "max_source_positions": 1500,
-    "max_target_positions": 448,
-    "d_model": 64,
-    "encoder_layers": 2,
-    "decoder_layers": 2,
-    "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4,
-    "encoder_ffn_dim": 128,
-    "decoder_ffn_dim": 128,
-    # Whisper's default 0.02 leaves a random d=64 encoder's output almost independent of its input
-    # (relative spread across clips 0.008, against 0.25 for the log-Mels): its tiny conv outputs drown
-    # in the sinusoidal positions. ~1/sqrt(d_model) keeps the audio visible (spread 0.16), as it is
-    # in a trained Whisper, so a tiny student can learn to tell clips apart.
-    "init_std": 0.1,
-}
-
-
-def tiny_whisper(seed: int = 0, n_mels: int = 128, **config_overrides: Any) -> WhisperForConditionalGeneration:
-    """A random-initialised Whisper (encoder input [n_mels, 3000]) in eval mode. The same seed gives
-    the same weights; the global RNG is untouched."""
-    config = WhisperConfig(num_mel_bins=n_mels, **{**TINY_WHISPER, **config_overrides})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = WhisperForConditionalGeneration(config)
-    return model.eval()
-
-
-def load_whisper(
-    id_or_dir: str | os.PathLike[str],
-    revision: str | None = None,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-) -> WhisperForConditionalGeneration:
-    """A real Whisper checkpoint (hub id or local directory), in eval mode."""
-    model = WhisperForConditionalGeneration.from_pretrained(os.fspath(id_or_dir), revision=revision, dtype=dtype)
-    return model.to(device).eval()
-
-
-def student_whisper(
-    mcfg: ModelConfig, n_mels: int = 128, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> WhisperForConditionalGeneration:
-    """The pretrained Whisper a student starts from: its encoder is used as is, its decoder copied into
-    the Q-Former. Deterministic, so a test can rebuild it and compare."""
-    if mcfg.whisper == "tiny":
-        return tiny_whisper(mcfg.tiny_whisper_seed, n_mels).to(device=device, dtype=dtype)
-    return load_whisper(mcfg.whisper, mcfg.whisper_revision, dtype, device)
-
 
 class DiVA(nn.Module):
     """Encoder + Q-Former + projection + frozen LLM. See the module docstring for the data flow."""
@@ -108,11 +48,6 @@ class DiVA(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        unknown = sorted(set(cfg.trainable) - set(TRAINABLE_PARTS))
-        if unknown:
-            raise ValueError(f"model.trainable: unknown part(s) {unknown}; valid: {list(TRAINABLE_PARTS)}")
-        if cfg.projection_init not in PROJECTION_INITS:
-            raise ValueError(f"model.projection_init: {cfg.projection_init!r} is not one of {list(PROJECTION_INITS)}")
         whisper_base = whisper.base_model  # WhisperModel, whether given that or WhisperForConditionalGeneration
         decoder = whisper_base.decoder
         if not 1 <= cfg.num_queries <= decoder.max_target_positions:

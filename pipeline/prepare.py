@@ -25,16 +25,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import PipelineError, cache, features
+from pipeline import PipelineError, cache, features, layout
 from pipeline import commonvoice as cv
 from pipeline.config import Config, FeatureConfig, PrepareConfig
 
 log = logging.getLogger(__name__)
 
-KIND = "mels"
+KIND, MELS_DIR, REJECTS_DIR = layout.MELS_KIND, layout.MELS_DIR, layout.REJECTS_DIR
 SCHEMA_VERSION = 1
-MELS_DIR, REJECTS_DIR = "mels", "rejects"
-ROW_REJECTS_FILE = "rows.parquet"
 # A clip whose decoded length is below this share of its header's frame count is truncated.
 MIN_COMPLETE = 0.99
 
@@ -174,9 +172,9 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
 
     # Row-level rejects are recomputed each run (cheap, deterministic) and written whole.
     row_rejects = pa.Table.from_pylist(sel.rejects, schema=REJECTS_SCHEMA)
-    cache.write_parquet(fs, cache.join(root, REJECTS_DIR, ROW_REJECTS_FILE), row_rejects)
+    cache.write_parquet(fs, cache.join(root, REJECTS_DIR, layout.ROW_REJECTS_FILE), row_rejects)
 
-    done, removed = cache.done_ids(output_url, (MELS_DIR, REJECTS_DIR), skip=(ROW_REJECTS_FILE,))
+    done, removed = cache.done_ids(output_url, (MELS_DIR, REJECTS_DIR), skip=(layout.ROW_REJECTS_FILE,))
     for path in removed:
         log.warning("removed unfinished file %s (a previous run stopped while writing it)", path)
     todo = [r for r in sel.rows if r["id"] not in done]
@@ -221,34 +219,11 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
 
 def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selection) -> dict[str, Any]:
     """Check the finished output (every selected row accounted for exactly once) and write the manifest."""
-    fs, root = cache.filesystem(output_url)
-
-    def listing() -> tuple[list[str], list[str], list[str]]:
-        mels = cache.parquet_files(fs, cache.join(root, MELS_DIR))
-        rejects = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
-        return mels, rejects, [f for f in rejects if not f.endswith(ROW_REJECTS_FILE)]
-
-    mel_files, reject_files, clip_reject_files = listing()
-    repaired = cache.drop_duplicate_rows(fs, mel_files, write_mels) + cache.drop_duplicate_rows(fs, clip_reject_files)
-    if repaired:
-        log.warning("removed %d duplicate row(s) published by a stale writer of an earlier run", repaired)
-        mel_files, reject_files, clip_reject_files = listing()
-    ids = cache.read_column(fs, mel_files, "id")
-    splits = cache.read_column(fs, mel_files, "split")
-    durations = cache.read_column(fs, mel_files, "duration_s")
-    reject_ids = cache.read_column(fs, reject_files, "id")
-    reasons = cache.read_column(fs, reject_files, "reason")
-    # Each selected clip must end up in exactly one place: a mels row or a clip reject.
-    seen = Counter(ids) + Counter(cache.read_column(fs, clip_reject_files, "id"))
-    dups = [i for i, n in seen.items() if n > 1]
-    if dups:
-        raise cache.DatasetError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
-                           "run writing into the same output? Re-run with --overwrite")
-    missing = [r["id"] for r in sel.rows if r["id"] not in seen]
-    if missing:
-        raise cache.DatasetError(f"{output_url}: {len(missing)} selected clip(s) have no output row "
-                           f"(e.g. {missing[:3]}); re-run to finish them")
-    manifest = {
+    fs, _ = cache.filesystem(output_url)
+    out = cache.collect_outputs(output_url, MELS_DIR, REJECTS_DIR, (r["id"] for r in sel.rows),
+                                write_good=write_mels, skip=(layout.ROW_REJECTS_FILE,))
+    durations = cache.read_column(fs, out.good, "duration_s")
+    return cache.write_manifest(output_url, {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
         "fingerprint": plan["fingerprint"],
@@ -256,16 +231,12 @@ def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selecti
         "config": {"features": cache.fingerprint_fields(cfg.features), "prepare": vars(cfg.prepare)},
         "versions": cache.versions("ray", "torch", "librosa", "soundfile", "pyarrow", "transformers"),
         "counts": {
-            "clips": len(ids),
+            "clips": len(out.ids),
             "audio_hours": round(float(sum(durations)) / 3600, 4),
-            "clips_by_split": dict(Counter(splits)),
-            "rejects": len(reject_ids),
-            "rejects_by_reason": dict(Counter(reasons)),
+            "clips_by_split": dict(Counter(cache.read_column(fs, out.good, "split"))),
+            "rejects": len(out.reject_ids),
+            "rejects_by_reason": dict(Counter(cache.read_column(fs, out.rejects, "reason"))),
             "filtered": sel.filtered,
         },
-        "files": {"mels": [f.rsplit("/", 1)[-1] for f in mel_files],
-                  "rejects": [f.rsplit("/", 1)[-1] for f in reject_files]},
-        "created_unix": int(time.time()),
-    }
-    cache.write_json(fs, cache.join(root, cache.MANIFEST), manifest)
-    return manifest
+        "files": out.files(),
+    })

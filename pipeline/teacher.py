@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -27,72 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from pipeline import cache
+from pipeline import cache, layout
+from pipeline.builders import TINY_LLAMA, for_workers, load_teacher_model, load_tokenizer, resolve
 from pipeline.template import ChatTemplate, TemplateError, derive_template, transcript_ids
 
 log = logging.getLogger(__name__)
 
 PaddingSide = Literal["left", "right"]
-
-# A tiny Llama 3 shaped model (grouped-query attention, Llama 3's RoPE base) for tests and the local
-# default, where no weights may be downloaded.
-TINY_LLAMA: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-    "tie_word_embeddings": False,
-}
-
-
-def tiny_llama(
-    vocab_size: int,
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    **config_overrides: Any,
-) -> LlamaForCausalLM:
-    """A random-initialised LlamaForCausalLM sized to `vocab_size` (use len(tokenizer)), in eval
-    mode with gradients off. The same seed gives the same weights; the global RNG is untouched."""
-    config = LlamaConfig(vocab_size=vocab_size, **{**TINY_LLAMA, **config_overrides})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return _frozen(model.to(device=device, dtype=dtype))
-
-
-def load_llm(
-    name_or_path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype | str = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    revision: str | None = None,
-    attn_implementation: str | None = None,
-    local_files_only: bool = False,
-) -> PreTrainedModel:
-    """A real causal LM checkpoint (hub id or local directory) in `dtype` on `device`, in eval mode
-    with gradients off: the frozen teacher."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_files_only}
-    if revision is not None:
-        kwargs["revision"] = revision
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), **kwargs)
-    return _frozen(model.to(device))
-
-
-def _frozen(model: PreTrainedModel) -> PreTrainedModel:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
 
 def length_buckets(lengths: Sequence[int], max_tokens_per_batch: int, max_batch_size: int) -> list[list[int]]:
     """Group indices into batches of similar length so that padding wastes little compute.
@@ -263,13 +205,11 @@ def _pad_batch(
 # <out>/rejects/part-*.parquet (id, reason, detail), <out>/manifest.json (written last). Resuming
 # is by id, as in stage 1.
 
-KIND = "teacher"
+KIND, TARGETS_DIR, REJECTS_DIR = layout.TEACHER_KIND, layout.TARGETS_DIR, layout.REJECTS_DIR
 SCHEMA_VERSION = 1
-TARGETS_DIR, REJECTS_DIR = "targets", "rejects"
 TOO_LONG, EMPTY = "too_long", "empty_transcript"
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 _STORE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def targets_schema(top_k: int) -> pa.Schema:
@@ -296,39 +236,6 @@ def decode_target(blob: bytes, dtype: str) -> np.ndarray:
     return raw.view(_STORE[dtype]).float().numpy()
 
 
-def _resolve(path: str | None) -> str | None:
-    """Local directories become absolute, so Ray workers with another cwd find them."""
-    return os.path.abspath(path) if path and os.path.isdir(path) else path
-
-
-def for_workers(tcfg: Any) -> Any:
-    """The teacher config with local model/tokenizer directories made absolute: Ray workers and
-    actors do not share the driver's working directory."""
-    return dataclasses.replace(tcfg, tokenizer=_resolve(tcfg.tokenizer), model=_resolve(tcfg.model))
-
-
-def load_tokenizer(tcfg: Any):
-    from transformers import AutoTokenizer
-
-    source = tcfg.tokenizer or tcfg.model
-    if source == "tiny":
-        raise ValueError("teacher.model=tiny needs teacher.tokenizer (a tokenizer directory)")
-    return AutoTokenizer.from_pretrained(_resolve(source), revision=tcfg.revision if not tcfg.tokenizer else None)
-
-
-def load_teacher_model(tcfg: Any, vocab_size: int) -> PreTrainedModel:
-    """The frozen LLM on the configured device and dtype (the tiny one is rebuilt from its seed)."""
-    device: Any = tcfg.device
-    if device == "xla":
-        import torch_xla
-
-        device = torch_xla.device()
-    dtype = _COMPUTE[tcfg.dtype]
-    if tcfg.model == "tiny":
-        return tiny_llama(vocab_size, seed=tcfg.tiny_seed, dtype=dtype, device=device)
-    return load_llm(_resolve(tcfg.model), dtype=dtype, device=device, revision=tcfg.revision)
-
-
 def target_spec(tcfg: Any, tokenizer: Any, template: ChatTemplate) -> dict[str, Any]:
     """What a cached target is a function of: the model, the template, and how it was stored.
 
@@ -340,7 +247,7 @@ def target_spec(tcfg: Any, tokenizer: Any, template: ChatTemplate) -> dict[str, 
     else:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(_resolve(tcfg.model), revision=tcfg.revision)
+        config = AutoConfig.from_pretrained(resolve(tcfg.model), revision=tcfg.revision)
         hidden = getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
         revision = getattr(config, "_commit_hash", None) or tcfg.revision or "local"
     return {
@@ -420,7 +327,7 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
     t0 = time.time()
     # Workers get absolute local paths; the spec keeps the names as the user gave them.
     tcfg = for_workers(cfg.teacher)
-    mels = cache.check_manifest(mels_url, kind="mels")
+    mels = cache.check_manifest(mels_url, kind=layout.MELS_KIND)
     tokenizer = load_tokenizer(tcfg)
     template = derive_template(tokenizer, tcfg.system_prompt)
     spec = target_spec(cfg.teacher, tokenizer, template)
@@ -457,42 +364,22 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
 
 def _finalize(output_url: str, plan: dict[str, Any], spec: dict[str, Any], tcfg: Any,
               rows: pa.Table) -> dict[str, Any]:
-    fs, root = cache.filesystem(output_url)
-    repaired = sum(cache.drop_duplicate_rows(fs, cache.parquet_files(fs, cache.join(root, sub)))
-                   for sub in (TARGETS_DIR, REJECTS_DIR))
-    if repaired:
-        log.warning("removed %d duplicate row(s) published by a stale writer of an earlier run", repaired)
-    target_files = cache.parquet_files(fs, cache.join(root, TARGETS_DIR))
-    reject_files = cache.parquet_files(fs, cache.join(root, REJECTS_DIR))
-    ids = cache.read_column(fs, target_files, "id")
-    reject_ids = cache.read_column(fs, reject_files, "id")
-    seen = Counter(ids) + Counter(reject_ids)
-    dups = [i for i, n in seen.items() if n > 1]
-    if dups:
-        raise cache.DatasetError(f"{output_url}: {len(dups)} id(s) written twice (e.g. {dups[:3]}); was another "
-                                 "run writing into the same output? Re-run with --overwrite")
-    missing = [i for i in rows.column("id").to_pylist() if i not in seen]
-    if missing:
-        raise cache.DatasetError(f"{output_url}: {len(missing)} transcript(s) have no output row (e.g. "
-                                 f"{missing[:3]}); re-run to finish them")
-    n_tokens = sum(len(t) for t in cache.read_column(fs, target_files, "token_ids"))
-    manifest = {
+    fs, _ = cache.filesystem(output_url)
+    out = cache.collect_outputs(output_url, TARGETS_DIR, REJECTS_DIR, rows.column("id").to_pylist())
+    n_tokens = sum(len(t) for t in cache.read_column(fs, out.good, "token_ids"))
+    return cache.write_manifest(output_url, {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
         "fingerprint": plan["fingerprint"],
         "target": spec,
         "target_fingerprint": cache.fingerprint(spec),
-        "input": {"url": plan["input"], "kind": "mels", "fingerprint": plan["content"]["input_fingerprint"]},
+        "input": {"url": plan["input"], "kind": layout.MELS_KIND, "fingerprint": plan["content"]["input_fingerprint"]},
         "config": dataclasses.asdict(tcfg),
         "versions": cache.versions("ray", "torch", "transformers", "tokenizers", "pyarrow"),
-        "counts": {"targets": len(ids), "transcript_tokens": n_tokens, "rejects": len(reject_ids),
-                   "rejects_by_reason": dict(Counter(cache.read_column(fs, reject_files, "reason")))},
-        "files": {"targets": [f.rsplit("/", 1)[-1] for f in target_files],
-                  "rejects": [f.rsplit("/", 1)[-1] for f in reject_files]},
-        "created_unix": int(time.time()),
-    }
-    cache.write_json(fs, cache.join(root, cache.MANIFEST), manifest)
-    return manifest
+        "counts": {"targets": len(out.ids), "transcript_tokens": n_tokens, "rejects": len(out.reject_ids),
+                   "rejects_by_reason": dict(Counter(cache.read_column(fs, out.rejects, "reason")))},
+        "files": out.files(),
+    })
 
 
 def open_teacher(url: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:

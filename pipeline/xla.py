@@ -1,51 +1,18 @@
-"""Training on torch_xla SPMD (`train.device=xla`): the Ray Train backend and what the shared loop in
-pipeline/train.py asks of the device (issue 5).
-
-Why SPMD, and why a backend of our own: Ray Train reserves TPU slices one worker per TPU VM host, but
-its torch TPU runtime runs one process per chip, while torch_xla SPMD wants one process per host
-owning all its chips and compiles one program for the whole mesh (GSPMD inserts the collectives).
-So each Ray worker here is one host: `XlaSpmdBackend` sets the PJRT device, the multislice
-(MegaScale) variables and a gloo process group - for coordination and the distributed checkpoint's
-plan exchange only; in SPMD mode there is no `xla` process group and gradients are never
-all-reduced by hand. `SpmdRun` is the worker side: `xr.use_spmd()` before any XLA tensor, the
-persistent compilation cache, a ("data", "fsdp") mesh over every device of every host (a hybrid
-ICI x DCN mesh across slices), FSDPv2-style sharding, per-host input sharding, the step's sync and
-sharded checkpoints.
-
-- Sharding (FSDPv2's rules, without its wrapper so parameter names - and so checkpoints - stay the
-  model's own): every parameter of the frozen LLM and encoder and of the trainable Q-Former,
-  queries and projection is split along its largest dimension that the fsdp axis divides (else
-  replicated); each transformer layer's output is sharded on the batch dimension and gets an
-  optimization barrier in backward, as FSDPv2 does, so that GSPMD gathers one layer's weights at a
-  time. Gradients and optimizer state follow their parameters' sharding.
-- Input: each host feeds its own `micro_batch_size` rows from its Ray Data shard; `ShardingSpec(...,
-  minibatch=True)` makes them that host's slice of one global batch sharded over (data, fsdp). So
-  the global micro-batch is `micro_batch_size x hosts`, as on CPU/GPU with one worker per host, and
-  the accumulation count is the same.
-- Steps: nothing in a step reads a device value on the host (losses are summed on the device, and
-  transformers gets explicit causal masks instead of inspecting position ids); one
-  `torch_xla.sync()` at the step boundary runs the step as one compiled graph. The optimizer state
-  is created before the first step, so that graph is compiled once and every later step (and a
-  resumed run, from the persistent cache on TPU) reuses it. The loop reads the loss sums after the
-  sync, and only when it logs or checkpoints.
-- Checkpoints: torch.distributed.checkpoint with torch_xla's SPMD planners; each host writes only
-  its own shards of the trainable weights and the optimizer state into its Ray Train checkpoint
-  directory, which Ray Train merges into one checkpoint on the run's storage (any fsspec URL,
-  gs:// included) and restores on resume, like the CPU path's. Rank 0 adds what the CPU path's
-  checkpoint holds for export and bookkeeping: `trainable.safetensors` (full tensors, gathered from
-  the hosts' shards over gloo), `state.json` and the RNG states.
+"""Training on torch_xla SPMD (`train.device=xla`): a Ray Train backend that starts one process per TPU
+host, and `XlaBackend`, the worker side behind pipeline.backends' interface: a ("data", "fsdp") mesh
+over every chip of every host, FSDPv2-style sharding, per-host input shards, one compiled graph per
+step, and checkpoints of each host's own shards. Why it is built this way: docs/design.md, "XLA".
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
-import random
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -57,14 +24,15 @@ import torch.distributed as dist
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, XlaConfig
+from pipeline.step import LossParts
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch dimension is split over both: data-parallel replicas x FSDP shards
 ENV_PREFIX = "DIVA_XLA_"
-STATE_FILE, WEIGHTS_FILE, RNG_FILE = "state.json", "trainable.safetensors", "rng.pt"
 
 
 def from_env(xcfg: XlaConfig, environ: typing.Mapping[str, str] | None = None) -> XlaConfig:
@@ -228,10 +196,10 @@ def _explicit_causal_mask(module: Any, args: tuple, kwargs: dict[str, Any]) -> t
     return args, kwargs
 
 
-class SpmdRun:
-    """One host's torch_xla SPMD state: device, mesh, input shardings."""
+class XlaBackend:
+    """One host's torch_xla SPMD state (device, mesh, input shardings) behind pipeline.backends' interface."""
 
-    def __init__(self, xcfg: XlaConfig, seed: int = 0):
+    def __init__(self, xcfg: XlaConfig, seed: int = 0, rank: int = 0, world: int = 1, dtype: str = "float32"):
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.runtime as xr
@@ -246,8 +214,9 @@ class SpmdRun:
             os.makedirs(path, exist_ok=True)
             xr.initialize_cache(path, readonly=False)
         xr.use_spmd()  # before any XLA tensor exists
-        self.xcfg = xcfg
+        self.xcfg, self.rank, self.world, self.dtype = xcfg, rank, world, dtype
         self.device = torch_xla.device()
+        self.build_device = torch.device("cpu")  # the student is built on the CPU, then sharded by setup()
         self.mesh = self._mesh(xcfg)
         self.fsdp = self.mesh.shape()["fsdp"]
         self.local_devices = xr.addressable_runtime_device_count()
@@ -280,19 +249,17 @@ class SpmdRun:
             raise ValueError(f"train.micro_batch_size={micro_batch_size} (rows per host) must be a multiple of the "
                              f"{self.local_devices} XLA devices of a host")
 
-    def shard_model(self, model: Any, dtype: str = "float32") -> Any:
-        """Move the student to the mesh, FSDPv2-style. bfloat16 applies to the frozen encoder and
-        LLM only: trainable weights stay float32 (the optimizer's master copy)."""
+    def setup(self, model: Any, dtype: str | None = None) -> Any:
+        """Move the student to the mesh, FSDPv2-style. bfloat16 (`train.dtype`, or `dtype`) applies to the
+        frozen encoder and LLM only: trainable weights stay float32 (the optimizer's master copy)."""
         import torch_xla.distributed.spmd as xs
 
-        if dtype == "bfloat16":  # weights only: buffers such as RoPE's inv_freq stay float32
+        if (dtype or self.dtype) == "bfloat16":  # weights only: buffers such as RoPE's inv_freq stay float32
             for p in [*model.llm.parameters(), *model.encoder.parameters()]:
                 p.data = p.data.to(torch.bfloat16)
         model.to(self.device)
         for p in model.parameters():
-            spec = _partition(p.shape, self.fsdp)
-            if "fsdp" in spec:
-                xs.mark_sharding(p, self.mesh, spec)
+            self._mark(p)
         layers = [*model.llm.base_model.layers, *model.encoder.layers, *model.qformer.layers]
         for layer in layers:
             layer.register_forward_hook(self._shard_output)
@@ -310,6 +277,14 @@ class SpmdRun:
                 if getattr(module, "gradient_checkpointing", False):
                     module._gradient_checkpointing_func = checkpoint
         return model
+
+    def _mark(self, t: torch.Tensor) -> None:
+        """FSDPv2's placement of a weight (or its gradient, or its optimizer state)."""
+        import torch_xla.distributed.spmd as xs
+
+        spec = _partition(t.shape, self.fsdp)
+        if "fsdp" in spec:
+            xs.mark_sharding(t, self.mesh, spec)
 
     def _shard_output(self, module: Any, args: Any, output: Any) -> None:
         """A layer's hidden states [B, T, d] stay split on the batch: GSPMD then gathers weights, not activations."""
@@ -332,20 +307,23 @@ class SpmdRun:
             out[key] = xm.send_cpu_data_to_device(t, self.device, self._specs[t.dim()])[0]
         return out
 
+    def _place(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A full CPU tensor onto the mesh with the sharding `like` has: the route setup() takes, so the
+        compiled step graph stays valid."""
+        t = full.to(like.dtype).to(self.device)
+        self._mark(t)
+        return t
+
     def init_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Create the optimizer state now, as device data, so that the first step compiles the same
         graph as every later one (and a checkpoint can load into it). One update with zero gradients
         at lr 0 creates it without moving any weight; the step counters go back to 0."""
-        import torch_xla.distributed.spmd as xs
-
         lrs = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = 0.0
             for p in group["params"]:
                 p.grad = torch.zeros_like(p)
-                spec = _partition(p.shape, self.fsdp)
-                if "fsdp" in spec:
-                    xs.mark_sharding(p.grad, self.mesh, spec)
+                self._mark(p.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
@@ -353,17 +331,32 @@ class SpmdRun:
         for state in optimizer.state.values():
             if "step" in state:
                 state["step"].zero_()
-        self.sync()
+        self.end_step()
 
-    def loss_sums(self) -> torch.Tensor:
-        """Device-side running sums (total, distill, align, truncated): read only after a sync."""
-        return torch.zeros(4, dtype=torch.float32, device=self.device)
+    # -- the step --------------------------------------------------------------------------------------
 
-    def sync(self) -> None:
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        yield
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        pass  # GSPMD reduces them: the step is one program over the global batch
+
+    def zeros(self) -> LossParts:
+        """Device-side running sums: read only after the step's sync."""
+        return LossParts.zeros(self.device, torch.float32)
+
+    def reduce(self, parts: LossParts) -> LossParts:
+        return parts  # already sums over the global batch
+
+    def end_step(self) -> None:
         """The step boundary: the whole step runs here as one compiled graph."""
         import torch_xla
 
         torch_xla.sync()
+
+    def metrics(self) -> dict[str, float]:
+        return {"xla_compilations": self.compilations()}
 
     @staticmethod
     def compilations() -> int:
@@ -375,73 +368,95 @@ class SpmdRun:
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str, model: Any, optimizer: torch.optim.Optimizer,
-                        state: dict[str, Any], cfg: Any, rank: int) -> None:
-        """Every host, collectively: its shards of the trainable weights and optimizer state (DCP);
-        rank 0 also the full trainable weights (for export), the state and the RNG states."""
-        import torch.distributed.checkpoint as dcp
+    def save(self, directory: str, model: Any, optimizer: torch.optim.Optimizer, state: ckpt.TrainState,
+             config: dict[str, Any]) -> bool:
+        """Every host, collectively: its own shards of the weights and the optimizer state (no gathering);
+        rank 0 also checkpoint.json, with every host's checksums. Every host reports its directory: Ray
+        Train merges them into one checkpoint."""
         import torch_xla.core.xla_model as xm
-        from safetensors.torch import save_file
-        from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
-        params = model.trainable_parameters()
         xm.wait_device_ops()  # the last step may still be running: its outputs are what we save
-        weights = self._full_weights(params, rank)
-        dcp.save({"model": params, "optim": optimizer.state_dict()}, storage_writer=dcp.FileSystemWriter(directory),
-                 planner=SPMDSavePlanner())
-        if rank == 0:
-            save_file(weights, os.path.join(directory, WEIGHTS_FILE))
-            torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "xla": xm.get_rng_state()}, os.path.join(directory, RNG_FILE))
-            with open(os.path.join(directory, STATE_FILE), "w") as f:
-                json.dump({"state": state, "config": cfg.to_dict()}, f, indent=2)
+        params = model.trainable_parameters()
+        tensors, meta = ckpt.flatten_optimizer(_named_optimizer_state(optimizer, params))
+        names = [f"{ckpt.SHARDS_DIR}/{kind}-{self.rank:05d}.safetensors" for kind in ("weights", "optimizer")]
+        digests = [ckpt.write_tensors(directory, names[0], _local_shards(params)),
+                   ckpt.write_tensors(directory, names[1], _local_shards(tensors, whole=self.rank == 0))]
+        files = self._gather_files(names, digests)
+        if self.rank == 0:
+            shapes = {"weights": _shapes(params), "optimizer": _shapes(tensors)}
+            ckpt.write_meta(directory, state=state, config=config, optimizer=meta, files=files, layout="sharded",
+                            extra={"shapes": shapes, "xla_rng": int(xm.get_rng_state())})
+        return True
 
-    @staticmethod
-    def _full_weights(params: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
-        """Full CPU copies of the sharded weights, on rank 0: every host sends the shards it holds (one
-        copy of each, replica 0) over the gloo group. Not `.cpu()`: on a sharded tensor that compiles and
-        runs a replicating program, one per tensor (hundreds of compilations at the first checkpoint)."""
-        from torch_xla.distributed.spmd import XLAShardedTensor
+    def _gather_files(self, names: list[str], digests: list[str]) -> dict[str, str]:
+        """{file: sha256} over every host: fixed-size digests through the gloo group (no pickled objects)."""
+        mine = torch.tensor([list(bytes.fromhex(d)) for d in digests], dtype=torch.int32)
+        every = [mine]
+        if self.world > 1:
+            every = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(every, mine)
+        files = {}
+        for rank, rows in enumerate(every):
+            for name, row in zip(names, rows, strict=True):
+                files[name.replace(f"-{self.rank:05d}.", f"-{rank:05d}.")] = bytes(row.tolist()).hex()
+        return files
 
-        mine = {}
-        for name, p in params.items():
-            mine[name] = [(tuple(shard.indices) if shard.indices is not Ellipsis else Ellipsis,
-                           shard.data[tuple(slice(0, i.stop - i.start) for i in shard.indices)]
-                           if shard.indices is not Ellipsis else shard.data)
-                          for shard in XLAShardedTensor(p.detach()).local_shards if shard.replica_id == 0]
-        parts = [mine]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size() if rank == 0 else None
-            dist.gather_object(mine, parts, dst=0)
-        if rank != 0:
-            return None
-        full = {}
-        for name, p in params.items():
-            full[name] = torch.empty(p.shape, dtype=p.dtype)
-            for part in parts:
-                for index, data in part[name]:
-                    full[name][index] = data
-        return full
-
-    def load_checkpoint(self, directory: str, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore in place: each host reads the shards it owns."""
-        import torch.distributed.checkpoint as dcp
+    def load(self, checkpoint: ckpt.Checkpoint, model: Any, optimizer: torch.optim.Optimizer) -> ckpt.TrainState:
+        """Restore in place, each tensor with its own sharding, so the compiled step graph stays valid.
+        Any checkpoint works: a sharded one's shards are assembled on each host."""
         import torch_xla.core.xla_model as xm
-        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-        if not os.path.exists(os.path.join(directory, ".metadata")):
-            raise FileNotFoundError(f"{directory} is not an XLA (distributed) checkpoint: no .metadata; "
-                                    "a checkpoint from another device cannot resume train.device=xla")
-        if not optimizer.state:  # DCP loads in place: the optimizer state must exist (and be sharded) first
+        if not optimizer.state:  # the state must exist (and be sharded) to take the saved values
             self.init_optimizer(optimizer)
-        target = {"model": model.trainable_parameters(), "optim": optimizer.state_dict()}
-        dcp.load(target, storage_reader=dcp.FileSystemReader(directory), planner=SPMDLoadPlanner())
-        optimizer.load_state_dict(target["optim"])
-        rng = torch.load(os.path.join(directory, RNG_FILE), weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        xm.set_rng_state(rng["xla"])
-        self.sync()
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            return json.load(f)["state"]
+        params = model.trainable_parameters()
+        weights = checkpoint.weights()
+        model.load_trainable(weights, check_only=True)
+        osd = checkpoint.optimizer()
+        for name, p in params.items():
+            p.data = self._place(weights[name], p)
+            for key, value in osd["state"][name].items():
+                old = optimizer.state[p][key]
+                optimizer.state[p][key] = self._place(value, old) if old.device.type == "xla" else value.to(old)
+        for group, saved in zip(optimizer.param_groups, osd["param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        checkpoint.restore_rng()
+        if "xla_rng" in checkpoint.meta:
+            xm.set_rng_state(checkpoint.meta["xla_rng"])
+        self.end_step()
+        return checkpoint.state
+
+
+def _named_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """optimizer.state_dict() keyed by parameter name (get_optimizer_state_dict would copy every sharded
+    tensor to the host whole)."""
+    name_of = {id(p): name for name, p in params.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": {name_of[id(p)]: dict(st) for p, st in optimizer.state.items()}, "param_groups": groups}
+
+
+def _local_shards(tensors: dict[str, torch.Tensor], whole: bool = True) -> dict[str, torch.Tensor]:
+    """This host's shards of sharded device tensors (one copy each: replica 0), keyed "<name>@<offsets>";
+    host tensors (AdamW's step counters) whole, from one host only (`whole`). Not `.cpu()`: on a sharded
+    tensor that compiles and runs a replicating program, one per tensor."""
+    from torch_xla.distributed.spmd import XLAShardedTensor
+
+    out = {}
+    for name, t in tensors.items():
+        if t.device.type != "xla":
+            if whole:
+                out[f"{name}@{','.join(['0'] * t.dim())}"] = t.detach().cpu()
+            continue
+        for shard in XLAShardedTensor(t.detach()).local_shards:
+            if shard.replica_id != 0:
+                continue
+            if shard.indices is Ellipsis:  # replicated: the whole tensor
+                out[f"{name}@{','.join(['0'] * t.dim())}"] = shard.data
+                continue
+            offsets = ",".join(str(i.start) for i in shard.indices)
+            out[f"{name}@{offsets}"] = shard.data[tuple(slice(0, i.stop - i.start) for i in shard.indices)]
+    return out
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[list[int], str]]:
+    return {k: (list(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}

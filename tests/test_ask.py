@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import write_checkpoint
 from transformers import WhisperFeatureExtractor
 
 from pipeline import PipelineError
@@ -34,7 +35,6 @@ from pipeline.config import load_config
 from pipeline.export import export_checkpoint, load_model
 from pipeline.model import build_student
 from pipeline.template import render_ids, transcript_ids
-from pipeline.train import make_optimizer, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ROOT / "tests" / "fixtures" / "commonvoice" / "clips"
@@ -55,7 +55,7 @@ def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     ck = run / "train" / "checkpoint_2025-01-01_10-00-00.000001"
     ck.mkdir(parents=True)
-    save_checkpoint(str(ck), model, make_optimizer(model.trainable_parameters(), cfg.train), {"step": 3}, cfg)
+    write_checkpoint(ck, model, cfg, step=3)
     return run
 
 

@@ -39,3 +39,42 @@ def test_yaml_file_and_unknown_preset(tmp_path):
     assert load_config(str(path)).prepare.limit == 5
     with pytest.raises(ConfigError, match="neither a preset"):
         load_config("no-such-preset")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.trainable=[queries, encoder]", "model.trainable[1]: 'encoder' is not one of 'queries', 'qformer', "
+                                           "'projection'"),
+    ("model.projection_init=zeros", "model.projection_init: 'zeros' is not one of 'default', 'mean_embedding'"),
+    ("teacher.padding_side=middle", "teacher.padding_side: 'middle' is not one of 'left', 'right'"),
+    ("train.device=tpu", "train.device: 'tpu' is not one of 'cpu', 'cuda', 'xla'"),
+    ("train.align_reduction=mean", "train.align_reduction: 'mean' is not one of 'sum', 'token_mean'"),
+    ("eval.label_score=max", "eval.label_score: 'max' is not one of 'sum', 'mean'"),
+    ("eval.dtype=int8", "eval.dtype: 'int8' is not one of 'float32', 'bfloat16', 'float16'"),
+    ("eval.num_actors=0", "eval.num_actors must be >= 1"),
+    ("train.w_kl=0.5", "train.w_kl=0.5 needs the teacher's top-k"),
+])
+def test_choices_are_checked_once_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config("tiny", [override])
+
+
+def test_the_eval_section_and_job_flags_are_the_same_keys():
+    """A job flag that names a config key (jobs/_common.py aliases) sets that key, typed, after the overrides."""
+    import sys
+
+    from jobs import _common
+
+    p = _common.parser("t", aliases={"--device": "eval.device", "--max-new-tokens": "eval.max_new_tokens",
+                                     "--skip-bad-rows": "eval.skip_bad_rows", "--model": "teacher.model"})
+    argv = sys.argv
+    try:
+        sys.argv = ["t", "--config", "tiny", "eval.device=cuda", "eval.max_new_tokens=3", "--max-new-tokens", "9",
+                    "--skip-bad-rows", "--model", "gs://b/llm"]
+        _, cfg = _common.parse(p)
+    finally:
+        sys.argv = argv
+    assert (cfg.eval.device, cfg.eval.max_new_tokens, cfg.eval.skip_bad_rows) == ("cuda", 9, True)
+    assert cfg.teacher.model == "gs://b/llm"
+    assert load_config("tiny", ["eval.split=test", "train.w_kl=0.5", "teacher.top_k=5"]).eval.split == "test"
+    with pytest.raises(SystemExit):  # argparse refuses a choice outside the key's Literal
+        p.parse_args(["--device", "tpu"])

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import sacrebleu
 import torch
+from helpers import write_checkpoint
 
 from pipeline import PipelineError, cache
 from pipeline.ask import answer, llm_inputs, load_audio, prompt_template
@@ -42,7 +43,6 @@ from pipeline.features import restore_row
 from pipeline.model import build_student
 from pipeline.teacher import decode_target
 from pipeline.template import transcript_ids
-from pipeline.train import make_optimizer, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "tests" / "fixtures" / "eval"
@@ -63,7 +63,7 @@ def export_tiny(root: Path, *overrides: str, seed: int = 11) -> Path:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     ck = root / "checkpoint"
     ck.mkdir(parents=True)
-    save_checkpoint(str(ck), model, make_optimizer(model.trainable_parameters(), cfg.train), {"step": 3}, cfg)
+    write_checkpoint(ck, model, cfg, step=3)
     return Path(export_checkpoint(str(ck), str(root / "model")))
 
 

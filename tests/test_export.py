@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.ask import generate, llm_inputs, load_audio
+from pipeline.ask import generate, llm_inputs, load_audio, stop_ids
+from pipeline.builders import tiny_whisper
 from pipeline.config import load_config
 from pipeline.export import (
     ExportError,
@@ -23,9 +25,8 @@ from pipeline.export import (
     read_config,
     resolve_checkpoint,
 )
-from pipeline.model import build_student, tiny_whisper
+from pipeline.model import build_student
 from pipeline.template import derive_template
-from pipeline.train import make_optimizer, save_checkpoint
 
 CLIP = Path(__file__).parent / "fixtures" / "commonvoice" / "clips" / "common_voice_en_18327603.mp3"
 
@@ -36,13 +37,6 @@ def perturb(model, seed: int, scale: float = 0.05) -> None:
     with torch.no_grad():
         for p in model.trainable_parameters().values():
             p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def write_checkpoint(directory: Path, model, cfg, step: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(str(directory), model, make_optimizer(model.trainable_parameters(), cfg.train),
-                    {"step": step, "epoch": 0, "batch_in_epoch": step}, cfg)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +154,27 @@ def test_kv_cache_generation_equals_full_recomputation(loaded, features):
             assert float(top2[0] - top2[1]) > 1e-4, "near tie: the comparison would be meaningless"
 
 
+def test_seeded_sampling_equals_full_recomputation(loaded, features):
+    """Sampling through transformers' generate (KV cache) draws what a hand-written loop draws: full
+    recomputation at every step, softmax(logits / T) and one multinomial per token from a generator seeded
+    with the same seed."""
+    model, tokenizer = loaded
+    temperature, seed, n = 1.5, 7, 12
+    tokens = list(generate(model, tokenizer, features, max_new_tokens=n, temperature=temperature, seed=seed))
+    stops = stop_ids(model, tokenizer, model.template)
+    embed = model.llm.get_input_embeddings()
+    rng = torch.Generator().manual_seed(seed)
+    expected: list[int] = []
+    with torch.no_grad():
+        prompt = llm_inputs(model, model.template, features)
+        while len(expected) < n and not (expected and expected[-1] in stops):
+            seq = torch.cat([prompt, embed(torch.tensor([expected], dtype=torch.long))], dim=1)
+            logits = model.llm(inputs_embeds=seq, use_cache=False).logits[0, -1].float()
+            expected.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng)))
+    assert tokens == expected
+    assert len(set(tokens)) > 1  # a sampled answer, not a constant one
+
+
 def test_export_is_idempotent_and_keeps_another_export(checkpoint, exported, trained, cfg, tmp_path):
     before = (exported / "config.json").read_text()
     assert export_checkpoint(str(checkpoint), str(exported)) == str(exported)
@@ -182,9 +197,9 @@ def test_a_run_directory_exports_its_latest_complete_checkpoint(checkpoint, tmp_
     run = tmp_path / "run"
     for name, step in (("checkpoint_2025-01-01_10-00-00.000001", 2), ("checkpoint_2025-01-01_11-00-00.000001", 4)):
         shutil.copytree(checkpoint, run / "train" / name)
-        state = json.loads((run / "train" / name / "state.json").read_text())
-        state["state"]["step"] = step
-        (run / "train" / name / "state.json").write_text(json.dumps(state))
+        meta = json.loads((run / "train" / name / "checkpoint.json").read_text())
+        meta["state"]["step"] = step
+        (run / "train" / name / "checkpoint.json").write_text(json.dumps(meta))
     incomplete = run / "train" / "checkpoint_2025-01-01_12-00-00.000001"  # an upload cut short
     incomplete.mkdir()
     shutil.copy(checkpoint / "trainable.safetensors", incomplete)
@@ -235,8 +250,11 @@ def test_bad_model_directories_and_checkpoints(exported, checkpoint, tmp_path):
         load_model(str(broken))
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint, ck)
-    (ck / "state.json").unlink()
-    with pytest.raises(ExportError, match="state.json is missing"):
+    (ck / "trainable.safetensors").unlink()
+    with pytest.raises(ExportError, match="incomplete checkpoint: trainable.safetensors is missing"):
+        export_checkpoint(str(ck), str(tmp_path / "out"))
+    (ck / "checkpoint.json").unlink()
+    with pytest.raises(ExportError, match="no checkpoint here: expected checkpoint.json"):
         export_checkpoint(str(ck), str(tmp_path / "out"))
 
 

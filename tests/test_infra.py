@@ -7,6 +7,7 @@ files as they are (no problems) and on damaged copies (the problem named).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import json
@@ -28,7 +29,8 @@ from ray._private.accelerators import TPUAcceleratorManager, tpu
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.util.tpu import get_tpu_worker_resources
 
-from pipeline.config import ConfigError, load_config
+from jobs import _common
+from pipeline.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -352,7 +354,7 @@ def entrypoint_problems(command: str, tpu_hosts: int | None = None, gpus: int | 
         return [f"{command!r}: {module} refuses its arguments: {out.strip().splitlines()[-1]}"]
     args = json.loads(out)
     try:
-        cfg = load_config(args.get("config"), args.get("overrides"))
+        cfg = _common.config(argparse.Namespace(**args))  # what the job itself would run with
     except ConfigError as e:
         return [f"{command!r}: {e}"]
     problems = []
@@ -364,8 +366,7 @@ def entrypoint_problems(command: str, tpu_hosts: int | None = None, gpus: int | 
         if cfg.train.device == "cuda" and gpus is not None and workers > gpus:
             problems.append(f"{command!r}: train.num_workers={workers} on {gpus} GPUs")
     if module == "jobs.cache_teacher":
-        device = args.get("device") or cfg.teacher.device
-        if device == "cuda" and gpus is not None and cfg.teacher.num_actors > gpus:
+        if cfg.teacher.device == "cuda" and gpus is not None and cfg.teacher.num_actors > gpus:
             problems.append(f"{command!r}: teacher.num_actors={cfg.teacher.num_actors} on {gpus} GPUs")
     return problems
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import cache, ingest, prepare, teacher
+from pipeline import builders, cache, ingest, layout, prepare, teacher
 from pipeline.config import FeatureConfig, load_config
 from pipeline.features import restore_row
 from pipeline.ingest import Collate, collate, shuffled_order, training_dataset
@@ -56,7 +56,8 @@ def joined(prepared_mels, teacher_cache) -> tuple[list[dict], dict]:
 
 
 def test_layout_names_are_the_stages_own():
-    assert (ingest.MELS_KIND, ingest.MELS_DIR) == (prepare.KIND, prepare.MELS_DIR)
+    assert (ingest.MELS_KIND, ingest.MELS_DIR) == (prepare.KIND, prepare.MELS_DIR) == (layout.MELS_KIND,
+                                                                                          layout.MELS_DIR)
     assert (ingest.TARGETS_DIR, ingest.REJECTS_DIR) == (teacher.TARGETS_DIR, teacher.REJECTS_DIR)
 
 
@@ -211,7 +212,7 @@ def test_mismatched_datasets_are_refused_with_the_reason(prepared_mels, teacher_
                                                  r"fingerprint ffffffffffff\) than .* run the teacher stage on"):
         training_dataset(str(prepared_mels), str(other))
 
-    tok = teacher.load_tokenizer(load_config("tiny").teacher)
+    tok = builders.load_tokenizer(load_config("tiny").teacher)
     expect = teacher.target_spec(load_config("tiny", ["teacher.tiny_seed=1"]).teacher, tok, derive_template(tok))
     with pytest.raises(cache.DatasetError, match="another model/template.*revision"):
         training_dataset(str(prepared_mels), str(teacher_cache), expect=expect)

@@ -10,13 +10,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from pipeline.builders import load_llm, tiny_llama
 from pipeline.teacher import (
     compute_targets,
     fixed_length_efficiency,
     length_buckets,
-    load_llm,
     padding_efficiency,
-    tiny_llama,
 )
 from pipeline.template import derive_template, transcript_ids
 

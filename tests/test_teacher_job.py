@@ -12,17 +12,15 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline import cache
+from pipeline.builders import load_tokenizer, tiny_llama
 from pipeline.config import load_config
+from pipeline.layout import REJECTS_DIR, TARGETS_DIR
 from pipeline.teacher import (
-    REJECTS_DIR,
-    TARGETS_DIR,
     TOO_LONG,
     decode_target,
-    load_tokenizer,
     open_teacher,
     run_teacher,
     target_spec,
-    tiny_llama,
 )
 from pipeline.template import derive_template, render_ids
 

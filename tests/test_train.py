@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.backends import PlainBackend
+from pipeline.checkpoint import Checkpoint, TrainState
 from pipeline.config import load_config
-from pipeline.train import accumulation, load_checkpoint, lr_at, make_optimizer, save_checkpoint
+from pipeline.step import accumulation, lr_at, make_optimizer
 
 
 def test_warmup_then_cosine_to_zero():
@@ -60,15 +62,16 @@ def test_checkpoint_round_trip(student, tmp_path):
     opt = make_optimizer(student.trainable_parameters(), cfg.train)
     student.queries.grad = torch.ones_like(student.queries)
     opt.step()
-    save_checkpoint(str(tmp_path), student, opt, {"step": 7, "epoch": 1, "batch_in_epoch": 3}, cfg)
+    backend = PlainBackend(cfg.train)
+    backend.save(str(tmp_path), student, opt, TrainState(step=7, epoch=1, batch_in_epoch=3), cfg.to_dict())
     fresh = build_student(cfg, seed=123)
     fresh_opt = make_optimizer(fresh.trainable_parameters(), cfg.train)
-    state = load_checkpoint(str(tmp_path), fresh, fresh_opt)
-    assert state == {"step": 7, "epoch": 1, "batch_in_epoch": 3}
+    state = backend.load(Checkpoint(str(tmp_path)), fresh, fresh_opt)
+    assert state == TrainState(step=7, epoch=1, batch_in_epoch=3)
     for name, p in student.trainable_parameters().items():
         assert torch.equal(p, fresh.trainable_parameters()[name]), name
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
-    saved = json.loads((tmp_path / "state.json").read_text())
+    saved = json.loads((tmp_path / "checkpoint.json").read_text())
     assert saved["config"]["model"]["num_queries"] == 448
     # Only trainable weights are saved: never the frozen LLM or encoder.
     from safetensors import safe_open
@@ -225,13 +228,13 @@ def test_overfits_sixteen_clips(ray_local, sixteen, tmp_path):
     """The tiny preset, trained on 16 clips, fits them: L_distill falls by >= 90% and the student's first
     response token is the teacher's on >= 90% of the clips (on clearly fewer at initialisation)."""
     import pyarrow.parquet as pq
-    from safetensors.torch import load_file
 
+    from pipeline.builders import load_tokenizer
     from pipeline.export import resolve_checkpoint
     from pipeline.features import restore_row
     from pipeline.losses import distillation_loss
     from pipeline.model import build_student
-    from pipeline.teacher import compute_targets, load_tokenizer
+    from pipeline.teacher import compute_targets
     from pipeline.train import run_training
 
     mels, teacher = sixteen
@@ -255,7 +258,7 @@ def test_overfits_sixteen_clips(ray_local, sixteen, tmp_path):
         return distillation_loss(h_student, h_teacher).mean().item(), agree
 
     loss_init, agree_init = fit()
-    student.load_trainable(load_file(str(Path(resolve_checkpoint(str(out))) / "trainable.safetensors")))
+    student.load_trainable(Checkpoint(resolve_checkpoint(str(out))).weights())
     loss_end, agree_end = fit()
     print(f"overfit: L_distill {loss_init:.4f} -> {loss_end:.4f} ({1 - loss_end / loss_init:.1%} drop); "
           f"first-token agreement {agree_init:.2f} -> {agree_end:.2f}")
@@ -264,14 +267,13 @@ def test_overfits_sixteen_clips(ray_local, sixteen, tmp_path):
     assert agree_init <= agree_end - 0.25
 
 
-def test_unsharded_optimizer_state_rekeyed_by_name_equals_torch_distributed():
-    """An unsharded checkpoint resumes an FSDP2 run: its optimizer state, re-keyed by parameter name
-    (pipeline.train._fqn_optimizer_state), is what torch.distributed.checkpoint's own
-    get_optimizer_state_dict gives for the same optimizer."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def test_the_checkpointed_optimizer_state_is_torch_distributed_s_by_name(tmp_path):
+    """The checkpoint stores the optimizer state keyed by parameter name, exactly as torch.distributed's
+    get_optimizer_state_dict(full_state_dict=True) gives it (what FSDP2 and plain models share), and reads
+    it back the same through safetensors + JSON."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from pipeline.model import build_student
-    from pipeline.train import _fqn_optimizer_state, make_optimizer
 
     cfg = load_config("tiny")
     model = build_student(cfg, seed=0)
@@ -280,10 +282,59 @@ def test_unsharded_optimizer_state_rekeyed_by_name_equals_torch_distributed():
     _, h = model(torch.randn(1, 128, 3000))
     h.pow(2).mean().backward()
     optimizer.step()
-    ours = _fqn_optimizer_state(optimizer.state_dict(), model, optimizer)
-    theirs = get_optimizer_state_dict(model, optimizer)
+    PlainBackend(cfg.train).save(str(tmp_path), model, optimizer, TrainState(step=1), cfg.to_dict())
+    ours = Checkpoint(str(tmp_path)).optimizer()
+    theirs = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     assert ours["state"].keys() == theirs["state"].keys() == model.trainable_parameters().keys()
     for name, st in theirs["state"].items():
+        assert ours["state"][name].keys() == st.keys()
         for key, value in st.items():
             assert torch.equal(torch.as_tensor(ours["state"][name][key]), torch.as_tensor(value)), (name, key)
-    assert [g["params"] for g in ours["param_groups"]] == [g["params"] for g in theirs["param_groups"]]
+    assert ours["param_groups"] == theirs["param_groups"]
+
+
+@pytest.mark.slow
+def test_the_topk_kl_term_runs_end_to_end(ray_local, sixteen, tmp_path):
+    """train.w_kl > 0: the teacher caches its top-k log-probs, ingest and collate carry them, the step's KL
+    part equals a hand computation, and a training run logs it inside the total."""
+    import numpy as np
+
+    from pipeline.builders import load_tokenizer
+    from pipeline.ingest import collate, training_dataset
+    from pipeline.losses import DivaLoss
+    from pipeline.model import build_student
+    from pipeline.step import forward_loss
+    from pipeline.teacher import run_teacher, target_spec
+    from pipeline.template import derive_template
+    from pipeline.train import run_training
+
+    mels, _ = sixteen
+    cfg = load_config("tiny", ["prepare.splits=[train]", "prepare.limit=16", "teacher.top_k=8", "train.w_kl=0.5",
+                               "train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=2",
+                               "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3"])
+    teacher = tmp_path / "teacher"
+    run_teacher(cfg, str(mels), str(teacher))
+    tok = load_tokenizer(cfg.teacher)
+    expect = target_spec(cfg.teacher, tok, derive_template(tok))
+    ds, info = training_dataset(str(mels), str(teacher), expect=expect, split="train", topk=True)
+    batch = collate(ds.take_batch(4, batch_format="numpy"), **info["collate"], num_queries=448)
+    assert batch["topk_ids"].shape == batch["topk_logprobs"].shape == (4, 8)
+
+    model = build_student(cfg).eval()
+    with torch.no_grad():
+        parts = forward_loss(model, batch, DivaLoss(w_kl=0.5, align_reduction="token_mean"))
+        logits = model.llm.get_output_embeddings()(model(batch["input_features"])[1]).double().numpy()
+    # By hand: q = the cached top-k renormalised, KL = sum_k q_k (log q_k - log p_student(id_k)), batch mean.
+    top = logits.max(1, keepdims=True)
+    log_p = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    cached = batch["topk_logprobs"].double().numpy()
+    log_q = cached - np.log(np.exp(cached).sum(1, keepdims=True))
+    ids = batch["topk_ids"].numpy()
+    hand = np.mean([(np.exp(log_q[b]) * (log_q[b] - log_p[b, ids[b]])).sum() for b in range(4)])
+    assert float(parts.kl) == pytest.approx(hand, rel=1e-5) and hand > 0
+
+    out = tmp_path / "run"
+    run_training(cfg, str(mels), str(teacher), str(out))
+    for m in read_metrics(out):
+        assert m["kl"] > 0
+        assert m["loss"] == pytest.approx(m["distill"] + m["align"] + 0.5 * m["kl"], rel=1e-5)

@@ -27,7 +27,7 @@ def spmd(tmp_path_factory):
     """This process's SPMD runtime (one per process: use_spmd and the cache are process-wide). It must
     start before any backward pass in the process: autograd sizes its device queues on the first one."""
     from pipeline.config import XlaConfig
-    from pipeline.xla import SpmdRun
+    from pipeline.xla import XlaBackend
 
-    return SpmdRun(XlaConfig(pjrt_device="CPU", cpu_num_devices=DEVICES,
+    return XlaBackend(XlaConfig(pjrt_device="CPU", cpu_num_devices=DEVICES,
                              compilation_cache=str(tmp_path_factory.mktemp("xla-cache"))))

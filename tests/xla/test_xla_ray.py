@@ -31,8 +31,6 @@ def metrics(text: str) -> dict[int, dict]:
 
 def test_spmd_backend_trains_checkpoints_to_gcs_and_resumes(ray_local, prepared_mels, teacher_cache, gcs, bucket,
                                                            tmp_path):
-    from safetensors.torch import load_file
-
     from pipeline.train import run_training
 
     cpu_out = tmp_path / "cpu"
@@ -66,17 +64,17 @@ def test_spmd_backend_trains_checkpoints_to_gcs_and_resumes(ray_local, prepared_
     assert got[3]["xla_compilations"] == got[4]["xla_compilations"] >= 1
     assert any(cache_dir.iterdir())  # the persistent compilation cache received the graphs
 
-    # The last checkpoint, on gs://: the hosts' DCP shards, and rank 0's full weights for export.
+    # The last checkpoint, on gs://: the hosts' shards and checkpoint.json; its assembled weights are the export's.
+    from pipeline.checkpoint import Checkpoint
+
     assert second.checkpoint.path.startswith(f"{bucket}/xla/train/")
-    with second.checkpoint.as_directory() as d, first.checkpoint.as_directory() as d0:
-        names = {p.split("/")[-1] for p in fs.ls(second.checkpoint.path)}
-        assert {".metadata", "trainable.safetensors", "state.json", "rng.pt"} <= names
-        assert any(n.endswith(".distcp") for n in names)
-        state = json.loads(open(f"{d}/state.json").read())
-        assert state["state"]["step"] == STEPS and state["config"]["train"]["device"] == "xla"
-        weights = load_file(f"{d}/trainable.safetensors")
-        assert any(not torch.equal(weights[k], w) for k, w in load_file(f"{d0}/trainable.safetensors").items())
-    cpu_weights = load_file(f"{cpu.checkpoint.path}/trainable.safetensors")
+    names = {p.split("/")[-1] for p in fs.find(second.checkpoint.path)}
+    assert names == {"checkpoint.json", "weights-00000.safetensors", "optimizer-00000.safetensors"}, names
+    last, before = Checkpoint(f"gs://{second.checkpoint.path}"), Checkpoint(f"gs://{first.checkpoint.path}")
+    assert last.state.step == STEPS and last.config["train"]["device"] == "xla"
+    weights = last.weights()
+    assert any(not torch.equal(weights[k], w) for k, w in before.weights().items())
+    cpu_weights = Checkpoint(cpu.checkpoint.path).weights()
     assert weights.keys() == cpu_weights.keys()
     for k in weights:
         assert (weights[k] - cpu_weights[k]).abs().max() <= WEIGHT_ATOL, k

@@ -1,18 +1,19 @@
-"""The XLA path's training step, in process (no Ray): SPMD over 4 virtual CPU devices against the plain
-CPU path - same losses and weights, one compilation, no host syncs, exact resume from a checkpoint."""
+"""The XLA path's training step, in process (no Ray): the loop's own `train_step` on the SPMD backend over 4
+virtual CPU devices against the same step on the plain CPU backend - same losses and weights, one compilation,
+no host syncs, exact resume from a checkpoint."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 pytest.importorskip("torch_xla")
 
+from pipeline.backends import PlainBackend  # noqa: E402
+from pipeline.checkpoint import Checkpoint, TrainState  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.losses import DivaLoss  # noqa: E402
-from pipeline.train import lr_at, make_optimizer  # noqa: E402
+from pipeline.step import lr_at, make_optimizer, train_step  # noqa: E402
 
 STEPS, SAVE_AT, MICRO = 4, 2, 4
 # CPU vs XLA, both float32, differ by kernels and (under SPMD) partitioned reduction orders. Observed
@@ -37,41 +38,32 @@ def batch(step: int) -> dict[str, torch.Tensor]:
             "target": torch.randn(MICRO, 64, generator=g)}
 
 
-def train(model, optimizer, steps, run=None, after_step=None):
-    """The loop's step (pipeline.train.train_loop_per_worker) for one micro-batch per step. Losses stay
-    on the device; per step: the losses, and the compilations and device->host transfers it caused."""
+def train(model, optimizer, steps, backend, after_step=None):
+    """The loop's steps (pipeline.step.train_step) for one micro-batch per step. Losses stay on the device
+    until every step ran; per step: the losses, and the compilations and device->host transfers it caused."""
     import torch_xla.debug.metrics as met
 
     def transfers():
         data = met.metric_data("TransferFromDeviceTime")
         return data[0] if data else 0
 
-    tcfg, loss_fn, params = cfg().train, DivaLoss(), model.trainable_parameters()
+    def compilations():
+        return backend.metrics().get("xla_compilations", 0)
+
+    tcfg, loss_fn = cfg().train, DivaLoss()
     out = []
     for step in steps:
-        before = transfers(), run.compilations() if run else 0
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        sums = run.loss_sums() if run else torch.zeros(4, dtype=torch.float64)
-        b = run.to_device(batch(step)) if run else batch(step)
-        virtual, h_student = model(b["input_features"])
-        loss, parts = loss_fn(h_student, b["target"], virtual, model.text_embeddings(b["token_ids"]), b["lengths"])
-        loss.backward()
-        parts = [loss.detach(), parts["distill"], parts["align"], parts["truncated"].to(loss.dtype)]
-        sums += torch.stack(parts).to(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), tcfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if run:
-            run.sync()
-        out.append({"values": (sums, grad_norm), "compilations": (run.compilations() if run else 0) - before[1],
-                    "transfers": transfers() - before[0]})
+        before = transfers(), compilations()
+        result = train_step(model, [batch(step)], loss_fn, optimizer, backend, lr=lr_at(step, tcfg),
+                            grad_clip=tcfg.grad_clip)
+        out.append({"result": result, "compilations": compilations() - before[1], "transfers": transfers() - before[0]})
         if after_step:
             after_step(step + 1)
     for o in out:  # now, after every step: reading them earlier would sync the host with the device
-        sums, grad_norm = o.pop("values")
-        o["loss"], o["distill"], o["align"], o["truncated"] = sums.cpu().double().tolist()
-        o["grad_norm"] = float(grad_norm)
+        result = o.pop("result")
+        parts = result.parts.means(1)
+        o.update(loss=parts["total"], distill=parts["distill"], align=parts["align"], truncated=parts["truncated"],
+                 grad_norm=float(result.grad_norm))
     return out
 
 
@@ -86,9 +78,10 @@ def runs(spmd, tmp_path_factory):
 
     cpu_model = build_student(cfg(), seed=0)
     initial = trainable(cpu_model)
-    cpu = train(cpu_model, make_optimizer(cpu_model.trainable_parameters(), cfg().train), range(STEPS))
+    cpu = train(cpu_model, make_optimizer(cpu_model.trainable_parameters(), cfg().train), range(STEPS),
+                PlainBackend(cfg().train))
 
-    model = spmd.shard_model(build_student(cfg(), seed=0))
+    model = spmd.setup(build_student(cfg(), seed=0))
     optimizer = make_optimizer(model.trainable_parameters(), cfg().train)
     spmd.init_optimizer(optimizer)
     ckpt = tmp_path_factory.mktemp("xla-ckpt")
@@ -96,8 +89,7 @@ def runs(spmd, tmp_path_factory):
 
     def save(step):
         if step == SAVE_AT:
-            spmd.save_checkpoint(str(ckpt), model, optimizer, {"step": step, "epoch": 0, "batch_in_epoch": step},
-                                 cfg(), rank=0)
+            spmd.save(str(ckpt), model, optimizer, TrainState(step=step, batch_in_epoch=step), cfg().to_dict())
             saved["weights"] = trainable(model)
 
     xla = train(model, optimizer, range(STEPS), spmd, after_step=save)
@@ -146,21 +138,21 @@ def test_one_compilation_and_no_host_syncs_in_steps(runs):
 
 
 def test_checkpoint_resumes_exactly(runs, spmd):
-    from safetensors.torch import load_file
-
     from pipeline.model import build_student
 
     ckpt = runs["ckpt"]
-    state = json.loads((ckpt / "state.json").read_text())
-    assert state["state"] == {"step": SAVE_AT, "epoch": 0, "batch_in_epoch": SAVE_AT}
-    assert (ckpt / ".metadata").exists() and list(ckpt.glob("*.distcp"))
-    full = load_file(str(ckpt / "trainable.safetensors"))  # the export's input, as on the CPU path
+    opened = Checkpoint(str(ckpt))
+    assert opened.state == TrainState(step=SAVE_AT, batch_in_epoch=SAVE_AT) and opened.sharded
+    # Each host's own shards, no gathered copy; assembled, they are the full weights (the export's input).
+    assert {p.name for p in (ckpt / "sharded").iterdir()} == {"weights-00000.safetensors",
+                                                             "optimizer-00000.safetensors"}
+    full = opened.weights()
     assert full.keys() == runs["saved"]["weights"].keys()
     assert all(torch.equal(full[k], runs["saved"]["weights"][k]) for k in full)
 
-    model = spmd.shard_model(build_student(cfg(), seed=123))  # other weights: they must come from the checkpoint
+    model = spmd.setup(build_student(cfg(), seed=123))  # other weights: they must come from the checkpoint
     optimizer = make_optimizer(model.trainable_parameters(), cfg().train)
-    assert spmd.load_checkpoint(str(ckpt), model, optimizer) == state["state"]
+    assert spmd.load(opened, model, optimizer) == opened.state
     for k, v in trainable(model).items():
         assert torch.equal(v, runs["saved"]["weights"][k]), k
     resumed = train(model, optimizer, range(SAVE_AT, STEPS), spmd)
@@ -173,6 +165,25 @@ def test_checkpoint_resumes_exactly(runs, spmd):
         torch.testing.assert_close(v, runs["xla_weights"][k], rtol=0, atol=1e-7, msg=k)
 
 
+def test_a_cpu_checkpoint_resumes_on_xla_and_back(runs, spmd, tmp_path):
+    """One format: the plain backend's full checkpoint loads into the sharded model, and the XLA run's
+    sharded one into a CPU model, with the same weights and optimizer state."""
+    from pipeline.model import build_student
+
+    cpu_model = build_student(cfg(), seed=0)
+    cpu_opt = make_optimizer(cpu_model.trainable_parameters(), cfg().train)
+    PlainBackend(cfg().train).load(Checkpoint(str(runs["ckpt"])), cpu_model, cpu_opt)
+    assert all(torch.equal(v, runs["saved"]["weights"][k]) for k, v in trainable(cpu_model).items())
+    PlainBackend(cfg().train).save(str(tmp_path), cpu_model, cpu_opt, TrainState(step=SAVE_AT), cfg().to_dict())
+    model = spmd.setup(build_student(cfg(), seed=5))
+    optimizer = make_optimizer(model.trainable_parameters(), cfg().train)
+    spmd.load(Checkpoint(str(tmp_path)), model, optimizer)
+    assert all(torch.equal(v, runs["saved"]["weights"][k]) for k, v in trainable(model).items())
+    name, p = next(iter(model.trainable_parameters().items()))
+    cpu_p = cpu_model.trainable_parameters()[name]
+    assert torch.equal(optimizer.state[p]["exp_avg"].cpu(), cpu_opt.state[cpu_p]["exp_avg"])
+
+
 def test_paper_settings_bf16_frozen_parts_and_activation_checkpointing(runs, spmd):
     """The paper preset's train.dtype=bfloat16 and activation_checkpointing=true on XLA: frozen encoder
     and LLM in bf16 (trainable weights float32), torch_xla's checkpointing; still one compilation."""
@@ -180,7 +191,7 @@ def test_paper_settings_bf16_frozen_parts_and_activation_checkpointing(runs, spm
 
     model = build_student(cfg(), seed=0)
     model.enable_activation_checkpointing()
-    spmd.shard_model(model, "bfloat16")
+    spmd.setup(model, "bfloat16")
     assert model.llm.base_model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert model.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
     assert model.llm.base_model.rotary_emb.inv_freq.dtype == torch.float32
