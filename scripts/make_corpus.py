@@ -18,12 +18,9 @@ libsndfile/LAME encoder is deterministic).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import os
 import random
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
@@ -34,14 +31,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from pipeline.speech_corpus import client_id, cv_row, espeak, tsv_text, write_atomic, write_mp3
+
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "commonvoice"
-COLUMNS = (
-    "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
-    "down_votes", "age", "gender", "accents", "variant", "locale", "segment",
-)
 SPLITS = ("train", "dev", "test")
 ESPEAK_SR = 22050
-MP3_QUALITY = 0.75  # libsndfile compression level: ~40-60 kbit/s VBR, small but clean
 PAUSE_S = 0.45  # silence between sentences of a long concatenated clip
 MIN_S, MAX_S = 1.0, 8.0  # ordinary clip duration bounds
 EXACT_SR = 16000  # rate at which the "exactly 30 s" clip is verified
@@ -134,8 +128,7 @@ class Speaker:
 
     @property
     def client_id(self) -> str:
-        """128 hex chars, stable across runs, like CV's hashed client ids."""
-        return hashlib.sha512(self.name.encode()).hexdigest()
+        return client_id(self.name)
 
 
 @dataclass(frozen=True)
@@ -324,13 +317,8 @@ def benchmark_plan(seed: int, count: int) -> list[Clip]:
 
 
 def synthesize(text: str, voice: str, speed: int) -> np.ndarray:
-    """espeak-ng speech at 22.05 kHz; text goes via stdin so quotes and a leading
-    dash are never parsed as shell or CLI syntax."""
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-b", "1", "--stdout"],
-        input=text.encode(), capture_output=True, check=True,
-    ).stdout
-    audio, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    """espeak-ng speech at 22.05 kHz."""
+    audio, sr = espeak(text, voice, speed)
     assert sr == ESPEAK_SR, sr
     return audio
 
@@ -375,11 +363,6 @@ def write_exact(path: Path, audio: np.ndarray, clip: Clip) -> None:
     raise RuntimeError(f"{path.name}: could not hit {want} samples at 16 kHz (last {got})")
 
 
-def write_mp3(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    sf.write(path, audio, sample_rate, format="MP3", compression_level=MP3_QUALITY,
-             bitrate_mode="VARIABLE")
-
-
 def render(job: tuple[Clip, str]) -> float:
     """Worker: synthesise, encode and write one clip; returns its duration in s."""
     clip, clips_dir = job
@@ -415,20 +398,16 @@ def render_all(clips: list[Clip], clips_dir: Path, workers: int) -> list[float]:
 
 
 def tsv_row(clip: Clip) -> list[str]:
-    """One CV 17 row; fields must not contain tabs/newlines since TSVs are unquoted."""
-    row = [clip.speaker.client_id, clip.path, hashlib.sha256(clip.sentence.encode()).hexdigest(),
-           clip.sentence, "", str(clip.up_votes), str(clip.down_votes), clip.speaker.age,
-           clip.speaker.gender, clip.speaker.accents, "", "en", ""]
-    assert not any(ch in field for field in row for ch in "\t\r\n"), row
-    return row
+    s = clip.speaker
+    return cv_row(s.client_id, clip.path, clip.sentence, clip.up_votes, clip.down_votes, s.age, s.gender,
+                  s.accents)
 
 
 def write_tsvs(clips: list[Clip], out: Path) -> None:
     """validated.tsv holds every clip; each split file holds its own subset."""
     for name in ("validated", *SPLITS):
         rows = [tsv_row(c) for c in clips if name == "validated" or c.split == name]
-        lines = ["\t".join(COLUMNS)] + ["\t".join(row) for row in rows]
-        (out / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_atomic(out / f"{name}.tsv", tsv_text(rows).encode())
 
 
 def summarize(clips: list[Clip], durations: list[float]) -> None:
