@@ -8,6 +8,7 @@ is how a student, an export and a teacher cache agree on "the same" random LLM.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -72,6 +73,12 @@ def for_workers(tcfg: Any) -> Any:
     return dataclasses.replace(tcfg, tokenizer=resolve(tcfg.tokenizer), model=resolve(tcfg.model))
 
 
+def config_for_workers(cfg: Any) -> Any:
+    """A whole Config with every local model directory (LLM, tokenizer, Whisper) made absolute."""
+    return dataclasses.replace(cfg, teacher=for_workers(cfg.teacher),
+                               model=dataclasses.replace(cfg.model, whisper=resolve(cfg.model.whisper)))
+
+
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
@@ -103,21 +110,51 @@ def load_whisper(
     return model.to(device).eval()
 
 
-def whisper_mel_bins(mcfg: ModelConfig) -> int | None:
-    """The mel bins the configured Whisper reads (None for "tiny": it is built for whatever the features are)."""
-    if mcfg.whisper == "tiny":
-        return None
-    return int(WhisperConfig.from_pretrained(resolve(mcfg.whisper), revision=mcfg.whisper_revision).num_mel_bins)
+def check_features(cfg: Any) -> None:
+    """Refuse features the configured Whisper cannot read, before any stage does work: the mel bins are
+    the checkpoint's (80 for tiny.en/base, 128 for large-v3), and the window fits its encoder."""
+    from pipeline.config import ConfigError
+
+    fcfg, mcfg = cfg.features, cfg.model
+    if mcfg.whisper == "tiny":  # built in code for whatever the features are
+        return
+    config = WhisperConfig.from_pretrained(resolve(mcfg.whisper), revision=mcfg.whisper_revision)
+    if config.num_mel_bins != fcfg.n_mels:
+        raise ConfigError(f"features.n_mels={fcfg.n_mels}, but model.whisper ({mcfg.whisper}) reads "
+                          f"{config.num_mel_bins} mel bins: set features.n_mels={config.num_mel_bins}")
+    if fcfg.n_frames > 2 * config.max_source_positions:
+        raise ConfigError(f"features.chunk_length_s={fcfg.chunk_length_s} gives {fcfg.n_frames} frames, more "
+                          f"than model.whisper's encoder reads ({2 * config.max_source_positions})")
+
+
+def fit_encoder_window(whisper: WhisperForConditionalGeneration, n_frames: int) -> WhisperForConditionalGeneration:
+    """Let the encoder read `n_frames` log-Mel frames (Whisper's own window is 3000, 30 s): keep the first
+    n_frames / 2 of its fixed sinusoidal positions. A shorter window is a speed choice for short clips
+    (the `small` preset), measured in docs/small.md; the paper's 30 s window needs nothing here."""
+    encoder = whisper.base_model.encoder
+    positions = n_frames // (encoder.conv1.stride[0] * encoder.conv2.stride[0])
+    if positions == encoder.embed_positions.num_embeddings:
+        return whisper
+    if positions > encoder.embed_positions.num_embeddings:
+        raise ValueError(f"{n_frames} frames exceed the encoder's {encoder.embed_positions.num_embeddings} positions")
+    table = encoder.embed_positions.weight.detach()[:positions].clone()
+    encoder.embed_positions = torch.nn.Embedding.from_pretrained(table, freeze=True)
+    encoder.config = copy.copy(encoder.config)  # the decoder shares the original; only the encoder changes
+    encoder.config.max_source_positions = encoder.max_source_positions = positions
+    return whisper
 
 
 def student_whisper(
-    mcfg: ModelConfig, n_mels: int = 128, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    mcfg: ModelConfig, n_mels: int = 128, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    n_frames: int = 3000,
 ) -> WhisperForConditionalGeneration:
-    """The pretrained Whisper a student starts from: its encoder is used as is, its decoder copied into
-    the Q-Former. Deterministic, so a test can rebuild it and compare."""
+    """The pretrained Whisper a student starts from: its encoder is used as is (reading `n_frames`), its
+    decoder copied into the Q-Former. Deterministic, so a test can rebuild it and compare."""
     if mcfg.whisper == "tiny":
-        return tiny_whisper(mcfg.tiny_whisper_seed, n_mels).to(device=device, dtype=dtype)
-    return load_whisper(mcfg.whisper, mcfg.whisper_revision, dtype, device)
+        whisper = tiny_whisper(mcfg.tiny_whisper_seed, n_mels).to(device=device, dtype=dtype)
+    else:
+        whisper = load_whisper(mcfg.whisper, mcfg.whisper_revision, dtype, device)
+    return fit_encoder_window(whisper, n_frames)
 
 
 # --- the LLM and its tokenizer ------------------------------------------------------------------------

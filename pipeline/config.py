@@ -99,6 +99,8 @@ class TeacherConfig:
     # Rows handed to one actor call; bucketing happens within it, so more rows pack better.
     rows_per_call: int = 512
     num_actors: int = 1
+    # CPUs Ray reserves per actor; on teacher.device=cpu they are also the actor's torch threads.
+    cpus_per_actor: float = 1.0
     rows_per_file: int = 4096
 
 
@@ -189,7 +191,26 @@ class TrainConfig:
     max_failures: int = 0
     # Stop (after a checkpoint) at this step without changing the schedule; resubmit to go on.
     stop_at_step: int | None = None
+    # Beyond the paper, for small runs: the first N steps train the alignment loss alone (no LLM pass,
+    # several times more examples per second), then both losses as configured. 0 = the paper's training.
+    align_only_steps: int = 0
+    # Keep each clip's frozen-encoder output in the worker's memory after its first epoch instead of
+    # recomputing it (plain backends only; up to encoder_cache_mb). Changes no value, only the cost.
+    cache_encoder: bool = False
+    encoder_cache_mb: float = 4096.0
     xla: XlaConfig = field(default_factory=XlaConfig)
+
+
+@dataclass
+class CorpusConfig:
+    """The release a local run (`python -m jobs.local`) trains on, and the spoken corpus `jobs.corpus` makes."""
+
+    # "spoken": generate one (pipeline/speech_corpus.py) under the run's output; else a CommonVoice release.
+    release: str = "spoken"
+    clips: int = 2500  # train + dev + test clips
+    questions: int | None = None  # held-out spoken questions (each in two voices); None: all of them
+    seed: int = 17
+    workers: int | None = None  # rendering processes; None: every core
 
 
 @dataclass
@@ -202,10 +223,17 @@ class EvalConfig:
     batch_size: int = 8  # distillation examples per forward pass
     task_batch_size: int = 4  # manifest rows per actor call (answered one by one)
     num_actors: int = 1
+    cpus_per_actor: float = 1.0  # on eval.device=cpu also each actor's torch threads
     max_new_tokens: int = 64
     # Classification: a label's score is the sum (its log-probability) or the mean of its token log-probs.
     label_score: Literal["sum", "mean"] = "sum"
     skip_bad_rows: bool = False  # evaluate the good rows of a manifest with bad ones (listed in the summary)
+    # Also answer the split's clips and score the answers against the LLM's answers to the typed transcripts,
+    # beside the cascade (Whisper transcribes, the LLM answers): pipeline/qa.py. Up to max_questions clips.
+    answers: bool = False
+    max_questions: int | None = None
+    # JSONL task manifests a local run (jobs.local) evaluates; jobs.evaluate takes --tasks.
+    tasks: list[str] = field(default_factory=list)
     # Override the base checkpoints the model directory names (e.g. a local copy).
     whisper: str | None = None
     llm: str | None = None
@@ -224,11 +252,19 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
     def __post_init__(self) -> None:
         if self.train.w_kl > 0 and self.teacher.top_k <= 0:
             raise ConfigError(f"train.w_kl={self.train.w_kl} needs the teacher's top-k log-probs: set teacher.top_k "
                               "> 0 (and cache the targets with it)")
+        if self.prepare.max_duration_s > self.features.chunk_length_s:
+            raise ConfigError(f"prepare.max_duration_s={self.prepare.max_duration_s} exceeds the encoder window "
+                              f"features.chunk_length_s={self.features.chunk_length_s}: longer clips would be cut")
+        sharded = self.train.fsdp if self.train.fsdp is not None else self.train.device == "cuda"
+        if self.train.cache_encoder and (self.train.device == "xla" or sharded):
+            raise ConfigError("train.cache_encoder needs the plain backend (train.device cpu, or cuda with "
+                              "train.fsdp=false): a sharded encoder runs collectively on every worker")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,17 +278,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
                 values: dict[str, Any] | None = None) -> Config:
     """Build a Config from a preset name or YAML path (or defaults), then apply `key=value` overrides
     (values parsed as YAML), then `values` ({dotted key: value}, already typed: a job's flags)."""
-    data: dict[str, Any] = {}
-    if source:
-        path = Path(source)
-        if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
-            path = PRESET_DIR / f"{source}.yaml"
-        if not path.exists():
-            raise ConfigError(f"config {source!r} is neither a preset ({', '.join(presets())}) nor a file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded
+    data = _read_yaml(source) if source else {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -261,6 +287,31 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     for key, value in (values or {}).items():
         _set_dotted(data, key, value)
     return from_dict(Config, data)
+
+
+def _read_yaml(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset or YAML file as a mapping; `extends: <preset or file>` lays it over another one."""
+    path = Path(source)
+    if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {source!r} is neither a preset ({', '.join(presets())}) nor a file")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return loaded
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"{path}: `extends` goes round in a circle ({' -> '.join(seen)})")
+    return _merged(_read_yaml(base, (*seen, str(path.resolve()))), loaded)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -129,11 +129,23 @@ class Collate(NumpyBatchCollateFn):
     numpy batches. Picklable, so Ray Train workers can receive it.
     """
 
-    def __init__(self, *, n_mels: int, n_frames: int = 3000, num_queries: int = 448, target_dtype: str):
+    def __init__(self, *, n_mels: int, n_frames: int = 3000, num_queries: int = 448, target_dtype: str,
+                 keys: bool = False):
         self.kwargs = {"n_mels": n_mels, "n_frames": n_frames, "num_queries": num_queries, "target_dtype": target_dtype}
+        self.keys = keys
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate(batch, **self.kwargs)
+        out = collate(batch, **self.kwargs)
+        if self.keys:  # each clip's key, for the encoder cache (train.cache_encoder)
+            import torch
+
+            out["clip_key"] = torch.from_numpy(clip_keys(batch["id"]))
+        return out
+
+
+def clip_keys(ids: Iterable[str]) -> np.ndarray:
+    """A clip's 63-bit key (blake2b of its id): what caches keyed by clip take as a tensor."""
+    return shuffle_key(ids, seed=-1)
 
 
 def shuffle_key(ids: Iterable[str], seed: int) -> np.ndarray:
@@ -346,3 +358,15 @@ def _shuffle(ds: ray.data.Dataset, seed: int) -> ray.data.Dataset:
         return batch.append_column(SHUFFLE_KEY, pa.array(shuffle_key(batch.column("id").to_pylist(), seed)))
 
     return ds.map_batches(add_key, batch_format="pyarrow", batch_size=None).sort([SHUFFLE_KEY, "id"])
+
+
+def question_rows(mels_url: str, split: str) -> pa.Table:
+    """A prepared split's id, sentence and log-Mel columns, for evaluating answers to its clips."""
+    mels = cache.check_manifest(mels_url, kind=MELS_KIND)
+    if split not in mels["source"]["splits"]:
+        raise cache.DatasetError(f"{mels_url} has no split {split!r}; it holds {', '.join(mels['source']['splits'])}")
+    files, _, missing = _listed_files(mels_url, MELS_DIR, mels["files"][MELS_DIR])
+    if missing:
+        raise cache.DatasetError(f"files listed in the manifest are gone: {_describe_missing({'mels': missing})}")
+    table = _read_columns(mels_url, files, ["id", "split", "sentence", "mel", "mel_pad_value"])
+    return table.filter(pc.equal(table.column("split"), split)).drop_columns(["split"]).sort_by("id")

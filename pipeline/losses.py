@@ -147,9 +147,14 @@ class DivaLoss:
         if self.align_reduction not in ("sum", "token_mean"):
             raise ValueError(f"align_reduction must be 'sum' or 'token_mean', not {self.align_reduction!r}")
 
+    @property
+    def needs_llm(self) -> bool:
+        """Whether a term needs h_student (the LLM pass): not for the alignment loss alone."""
+        return self.w_distill > 0 or self.w_kl > 0
+
     def __call__(
         self,
-        h_student: torch.Tensor,
+        h_student: torch.Tensor | None,
         h_teacher: torch.Tensor,
         virtual: torch.Tensor,
         text: torch.Tensor,
@@ -160,17 +165,21 @@ class DivaLoss:
         teacher_topk_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the scalar float32 total and detached parts for logging: ``distill`` and ``align`` (batch
-        means, before weighting), ``truncated`` (int64 count), and ``kl`` when ``w_kl > 0``."""
-        distill = distillation_loss(h_student, h_teacher).mean()
+        means, before weighting), ``truncated`` (int64 count), and ``kl`` when ``w_kl > 0``. Without
+        `h_student` (only when no term needs it: `needs_llm`) there is no ``distill`` part."""
+        if h_student is None and self.needs_llm:
+            raise ValueError("w_distill > 0 or w_kl > 0 needs h_student")
+        distill = distillation_loss(h_student, h_teacher).mean() if h_student is not None else None
         per_example = alignment_loss(virtual, text, lengths)
         if self.align_reduction == "sum":
             align = per_example.mean()
         else:
             tokens = aligned_lengths(lengths.to(virtual.device), virtual.shape[1], text.shape[1]).sum()
             align = per_example.sum() / tokens.clamp(min=1).float()
-        terms = [(self.w_distill, distill), (self.w_align, align)]
-        parts = {"distill": distill.detach(), "align": align.detach(),
-                 "truncated": truncated_count(lengths, virtual.shape[1]).detach()}
+        terms = [(self.w_align, align)] + ([(self.w_distill, distill)] if distill is not None else [])
+        parts = {"align": align.detach(), "truncated": truncated_count(lengths, virtual.shape[1]).detach()}
+        if distill is not None:
+            parts["distill"] = distill.detach()
         if self.w_kl > 0:
             if student_logits is None or teacher_topk_ids is None or teacher_topk_logprobs is None:
                 raise ValueError("w_kl > 0 needs student_logits, teacher_topk_ids and teacher_topk_logprobs")

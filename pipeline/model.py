@@ -56,6 +56,7 @@ class DiVA(nn.Module):
         self.cfg = cfg
         self.template = template
         self.activation_checkpointing = False
+        self.encoder_cache: EncoderCache | None = None  # set by a training run with train.cache_encoder
 
         self.encoder = whisper_base.encoder.requires_grad_(False)
         # The paper's initialisation: every decoder weight, copied. The queries replace its token inputs,
@@ -147,10 +148,17 @@ class DiVA(nn.Module):
 
     # -- the forward pass -------------------------------------------------------------------------
 
-    def virtual_tokens(self, input_features: torch.Tensor) -> torch.Tensor:
-        """t_audio: log-Mel [B, n_mels, 3000] -> [B, Q, H] in the projection's dtype."""
-        with torch.no_grad():
-            audio = self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
+    @torch.no_grad()
+    def encode(self, input_features: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """A: the frozen encoder's output [B, frames / 2, d], through `encoder_cache` when one is set and the
+        batch carries its clips' keys."""
+        if self.encoder_cache is not None and keys is not None:
+            return self.encoder_cache(self, input_features, keys)
+        return self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
+
+    def virtual_tokens(self, input_features: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """t_audio: log-Mel [B, n_mels, frames] -> [B, Q, H] in the projection's dtype."""
+        audio = self.encode(input_features, keys)
         # Expand the queries to the batch: Whisper's cross-attention views keys/values with the
         # *query's* batch size, so one unexpanded query set against B encoder outputs would silently
         # attend over all B clips at once.
@@ -181,10 +189,12 @@ class DiVA(nn.Module):
         """t_text: the LLM's input embeddings of token ids [B, N] -> [B, N, H] (alignment targets)."""
         return self.llm.get_input_embeddings()(token_ids)
 
-    def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t_audio [B, Q, H], h_student [B, H]): what the alignment and distillation losses need."""
-        virtual = self.virtual_tokens(input_features)
-        return virtual, self.student_hidden(virtual)
+    def forward(self, input_features: torch.Tensor, keys: torch.Tensor | None = None,
+                llm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(t_audio [B, Q, H], h_student [B, H]): what the alignment and distillation losses need. llm=False
+        skips the LLM pass (h_student None), for training on the alignment loss alone."""
+        virtual = self.virtual_tokens(input_features, keys)
+        return virtual, self.student_hidden(virtual) if llm else None
 
 
 @torch.no_grad()
@@ -217,5 +227,34 @@ def build_student(
     tcfg = dataclasses.replace(cfg.teacher, device=device) if device else cfg.teacher
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tcfg)
     llm = load_teacher_model(tcfg, len(tokenizer))
-    whisper = student_whisper(cfg.model, cfg.features.n_mels, dtype=llm.dtype, device=llm.device)
+    whisper = student_whisper(cfg.model, cfg.features.n_mels, dtype=llm.dtype, device=llm.device,
+                              n_frames=cfg.features.n_frames)
     return DiVA(whisper, llm, derive_template(tokenizer, tcfg.system_prompt), cfg.model, seed=seed)
+
+
+class EncoderCache:
+    """The frozen encoder's output per clip, computed the first time a clip is seen and reused after
+    (`train.cache_encoder`): the encoder is in eval mode and frozen, so the values are the same ones,
+    at a fraction of the cost from the second epoch on. Kept on the host, in the encoder's dtype, up to
+    `max_bytes`; clips beyond that are recomputed each time. Keys are `pipeline.ingest.clip_keys`."""
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.store: dict[int, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, model: DiVA, input_features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        ids = keys.tolist()
+        missing = [i for i, k in enumerate(ids) if k not in self.store]
+        self.hits, self.misses = self.hits + len(ids) - len(missing), self.misses + len(missing)
+        fresh = {}
+        if missing:
+            dtype = model.encoder.conv1.weight.dtype
+            out = model.encoder(input_features[missing].to(dtype)).last_hidden_state
+            fresh = dict(zip((ids[i] for i in missing), out.cpu(), strict=True))
+            for key, value in fresh.items():
+                if self.bytes + value.nbytes <= self.max_bytes:
+                    self.store[key] = value
+                    self.bytes += value.nbytes
+        rows = [self.store[k] if k in self.store else fresh[k] for k in ids]
+        return torch.stack(rows).to(input_features.device)

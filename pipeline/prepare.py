@@ -159,6 +159,9 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
     """Run (or resume, or confirm) stage 1. Returns the manifest."""
     import ray
 
+    from pipeline.builders import check_features
+
+    check_features(cfg)  # before any work: the features must be the ones the run's Whisper reads
     t0 = time.time()
     pcfg = cfg.prepare
     sel = cv.select(read_release(input_url, pcfg.splits), min_up_votes=pcfg.min_up_votes,

@@ -271,6 +271,8 @@ class TargetWorker:
 
     def __init__(self, tcfg: Any, template_fingerprint: str):
         self.tcfg = tcfg
+        if tcfg.device == "cpu":  # the cores Ray reserved for this actor (it sets OMP_NUM_THREADS to 1 for < 2)
+            torch.set_num_threads(max(1, int(tcfg.cpus_per_actor)))
         self.tokenizer = load_tokenizer(tcfg)
         self.template = derive_template(self.tokenizer, tcfg.system_prompt)
         if self.template.fingerprint() != template_fingerprint:
@@ -324,6 +326,9 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
     """Run (or resume, or confirm) stage 2. Returns the manifest."""
     import ray
 
+    from pipeline.builders import check_features
+
+    check_features(cfg)  # the run this cache is for must be able to read its mels
     t0 = time.time()
     # Workers get absolute local paths; the spec keeps the names as the user gave them.
     tcfg = for_workers(cfg.teacher)
@@ -352,7 +357,7 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
             TargetWorker, fn_constructor_kwargs={"tcfg": tcfg, "template_fingerprint": template.fingerprint()},
             batch_size=tcfg.rows_per_call, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors),
-            num_gpus=1 if tcfg.device == "cuda" else 0, num_cpus=1)
+            num_gpus=1 if tcfg.device == "cuda" else 0, num_cpus=tcfg.cpus_per_actor)
         ds.write_datasink(cache.split_sink(output_url, plan["run_id"], tcfg.rows_per_file, TARGETS_DIR,
                                            targets_schema(tcfg.top_k), REJECTS_DIR, REJECTS_SCHEMA))
     manifest = _finalize(output_url, plan, spec, tcfg, rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -23,7 +24,7 @@ import torch
 
 from pipeline import cache, layout
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, from_dict
+from pipeline.config import Config, ConfigError, from_dict
 from pipeline.step import accumulation, lr_at, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,13 @@ def resume(backend: Any, model: Any, optimizer: torch.optim.Optimizer, rank: int
     return state
 
 
-def save(backend: Any, model: Any, optimizer: torch.optim.Optimizer, state: ckpt.TrainState, cfg: Config,
+def save(backend: Any, model: Any, optimizer: torch.optim.Optimizer, state: ckpt.TrainState, recorded: dict,
          metrics: dict[str, float], metrics_log: MetricsLog | None) -> None:
     """A checkpoint through the backend, reported to Ray Train with the step's metrics."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        mine = backend.save(d, model, optimizer, state, cfg.to_dict())
+        mine = backend.save(d, model, optimizer, state, recorded)
         if metrics_log:
             metrics_log.sync()
         ray.train.report(metrics | {"step": state.step},
@@ -115,8 +116,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pipeline.backends import make_backend
     from pipeline.ingest import Collate
     from pipeline.losses import DivaLoss
+    from pipeline.model import EncoderCache
 
-    cfg: Config = from_dict(Config, config["cfg"])
+    cfg: Config = from_dict(Config, config["worker_cfg"])
     tcfg = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -131,11 +133,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d: the run is at step %d of %d already; nothing to do", rank, state.step, end)
         return
 
-    collate = Collate(n_mels=cfg.features.n_mels, n_frames=cfg.features.n_frames,
-                      num_queries=cfg.model.num_queries, target_dtype=config["target_dtype"])
+    collate = Collate(n_mels=cfg.features.n_mels, n_frames=cfg.features.n_frames, num_queries=cfg.model.num_queries,
+                      target_dtype=config["target_dtype"], keys=tcfg.cache_encoder)
     batches = micro_batches(ray.train.get_dataset_shard("train"), collate, tcfg.micro_batch_size, state)
+    if tcfg.cache_encoder:
+        model.encoder_cache = EncoderCache(tcfg.encoder_cache_mb * 2**20)
     loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, w_kl=tcfg.w_kl,
                        align_reduction=tcfg.align_reduction)
+    align_only = dataclasses.replace(loss_fn, w_distill=0.0, w_kl=0.0, w_align=tcfg.w_align or 1.0)
     accum = accumulation(tcfg, world)
     metrics_log = MetricsLog(config["output"]) if rank == 0 else None
     model.train()
@@ -143,8 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for step in range(state.step, end):
         micro = [next(batches) for _ in range(accum)]
         lr = lr_at(step, tcfg)
-        result = train_step(model, [b for _, _, b in micro], loss_fn, optimizer, backend, lr=lr,
-                            grad_clip=tcfg.grad_clip)
+        result = train_step(model, [b for _, _, b in micro], align_only if step < tcfg.align_only_steps else loss_fn,
+                            optimizer, backend, lr=lr, grad_clip=tcfg.grad_clip)
         examples += tcfg.global_batch_size
         state = ckpt.TrainState(step=step + 1, epoch=micro[-1][0], batch_in_epoch=micro[-1][1] + 1)
         last = state.step == end
@@ -159,11 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_last, examples = now, 0
             if metrics_log:
                 metrics_log.write(state.step, metrics)
-                log.info("step %d/%d loss %.4f distill %.4f align %.4f grad %.3f lr %.2e %.1f ex/s", state.step,
-                         tcfg.steps, metrics["loss"], metrics["distill"], metrics["align"], metrics["grad_norm"],
-                         lr, metrics["examples_per_s"])
+                log.info("step %d/%d %s", state.step, tcfg.steps, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if save_now:
-            save(backend, model, optimizer, state, cfg, metrics, metrics_log)
+            save(backend, model, optimizer, state, config["cfg"], metrics, metrics_log)
 
 
 def step_metrics(result: Any, micro_batches: int, lr: float, tcfg: Any) -> dict[str, float]:
@@ -173,7 +176,7 @@ def step_metrics(result: Any, micro_batches: int, lr: float, tcfg: Any) -> dict[
                "truncated": parts["truncated"], "grad_norm": float(result.grad_norm), "lr": lr}
     if tcfg.w_kl > 0:
         metrics["kl"] = parts["kl"]
-    return metrics
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}  # no distill while training alignment alone
 
 
 def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) -> Any:
@@ -182,17 +185,23 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
 
     from pipeline.backends import trainer_and_scaling
-    from pipeline.builders import for_workers, load_tokenizer
+    from pipeline.builders import check_features, config_for_workers, load_tokenizer
     from pipeline.ingest import training_dataset
     from pipeline.teacher import target_spec
     from pipeline.template import derive_template
 
+    check_features(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
     expect = target_spec(cfg.teacher, tokenizer, derive_template(tokenizer, cfg.teacher.system_prompt))
     tcfg = cfg.train
     ds, info = training_dataset(mels_url, teacher_url, expect=expect, split=tcfg.split,
                                 shuffle_seed=tcfg.seed if tcfg.shuffle else None, topk=tcfg.w_kl > 0)
     log.info("train: %s", info["counts"])
+    made = (info["collate"]["n_mels"], info["collate"]["n_frames"])
+    if made != (cfg.features.n_mels, cfg.features.n_frames):
+        raise ConfigError(f"{mels_url} holds {made[0]}-bin log-Mels in {made[1]}-frame windows, this run's features "
+                          f"are {cfg.features.n_mels} bins x {cfg.features.n_frames} frames: prepare it with the "
+                          "same features.* settings")
     if info["input_bytes"] <= tcfg.materialize_max_mb * 2**20:
         # Small enough to hold: read, join and shuffle once, and let every epoch stream from memory.
         # Otherwise each epoch re-runs the whole pipeline, which for a few clips costs more than the step.
@@ -201,10 +210,14 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
                  info["input_bytes"] / 2**20)
     fs, root = cache.filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
+    if cache.is_local(fs):  # the workers' working directory is not the driver's
+        output_url = root = os.path.abspath(root)
     trainer_cls, scaling = trainer_and_scaling(tcfg)
     trainer = trainer_cls(
         train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.replace(cfg, teacher=for_workers(cfg.teacher)).to_dict(),
+        # The run's config as given (what checkpoints record), and with local model directories made
+        # absolute for the workers, whose working directory is not the driver's.
+        train_loop_config={"cfg": cfg.to_dict(), "worker_cfg": config_for_workers(cfg).to_dict(),
                            "output": output_url, "target_dtype": expect["target_dtype"],
                            "threads": max(1, (os.cpu_count() or 1) // tcfg.num_workers)},
         scaling_config=scaling,
