@@ -252,6 +252,9 @@ def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:
 
 def answer(model: DiVA, tokenizer: Any, audio: str | os.PathLike[str], *, prompt: str | None = None,
            fcfg: FeatureConfig | None = None, checks: PrepareConfig | None = None, **kwargs: Any) -> str:
-    """The whole answer to one audio file, as text (kwargs go to `generate`)."""
-    ids = list(generate(model, tokenizer, load_audio(audio, fcfg, checks), prompt=prompt, **kwargs))
+    """The whole answer to one audio file, as text (kwargs go to `generate`). The front end and clip checks
+    default to the ones the model was trained with (`export.load_model` records them on the model)."""
+    recorded = getattr(model, "audio_settings", (None, None))
+    features_in = load_audio(audio, fcfg or recorded[0], checks or recorded[1])
+    ids = list(generate(model, tokenizer, features_in, prompt=prompt, **kwargs))
     return tokenizer.decode(ids, skip_special_tokens=True)

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 TASK_TYPES = ("generation", "classification")
 FIELDS = ("audio", "instruction", "reference", "task", "labels", "id", "meta")
 MAX_LISTED_ERRORS = 20
-DISTILL_DIR, TASKS_DIR, SUMMARY, EXAMPLES = "distillation", "tasks", "summary.json", "examples"
+DISTILL_DIR, TASKS_DIR, ANSWERS_DIR = "distillation", "tasks", "answers"
+SUMMARY, EXAMPLES = "summary.json", "examples"
 
 
 class EvalError(PipelineError, ValueError):
@@ -393,6 +394,7 @@ class DistillWorker:
     """A Ray Data actor: one model; joined rows (ingest's columns) -> per-example distillation metrics."""
 
     def __init__(self, model_dir: str, ecfg: EvalConfig, collate_kwargs: dict[str, Any]):
+        use_cpus(ecfg)
         self.model, _ = load_model(model_dir, ecfg.device, _dtype(ecfg.dtype), whisper=ecfg.whisper, llm=ecfg.llm)
         self.collate_kwargs = {**collate_kwargs, "num_queries": self.model.num_queries}
 
@@ -417,6 +419,7 @@ class TaskWorker:
     the row, naming its file and line, and the rest go on)."""
 
     def __init__(self, model_dir: str, ecfg: EvalConfig):
+        use_cpus(ecfg)
         self.ecfg = ecfg
         local = local_model_dir(model_dir)
         self.fcfg, self.checks = audio_settings(read_config(local))
@@ -479,8 +482,17 @@ def expected_target_spec(config: Mapping[str, Any], tokenizer: Any) -> dict[str,
 def _actor_options(ecfg: EvalConfig) -> dict[str, Any]:
     import ray.data
 
+    # An actor reserving every CPU would leave none to the reads that feed it (a deadlock on a small machine):
+    # it reserves at most all but one; use_cpus still gives it eval.cpus_per_actor threads.
+    cpus = min(ecfg.cpus_per_actor, max(1.0, ray.cluster_resources().get("CPU", 1.0) - 1.0))
     return {"compute": ray.data.ActorPoolStrategy(size=ecfg.num_actors),
-            "num_gpus": 1 if ecfg.device == "cuda" else 0, "num_cpus": 1}
+            "num_gpus": 1 if ecfg.device == "cuda" else 0, "num_cpus": cpus}
+
+
+def use_cpus(ecfg: EvalConfig) -> None:
+    """An evaluation actor on the CPU computes with the cores Ray reserved for it (Ray sets one thread below 2)."""
+    if ecfg.device == "cpu":
+        torch.set_num_threads(max(1, int(ecfg.cpus_per_actor)))
 
 
 def evaluate_distillation(model_dir: str, mels_url: str, teacher_url: str, ecfg: EvalConfig
@@ -532,9 +544,12 @@ def evaluate_tasks(model_dir: str, tasks: Sequence[tuple[str, Sequence[TaskExamp
 
 
 def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url: str | None = None,
-                 teacher_url: str | None = None, manifests: Sequence[str] = ()) -> dict[str, Any]:
+                 teacher_url: str | None = None, manifests: Sequence[str] = (),
+                 baseline: str | None = None) -> dict[str, Any]:
     """Evaluate and write everything under `output_url` (see the module docstring); returns the summary.
-    Manifests are checked before any model loads; files from an earlier evaluation there are replaced."""
+    With `ecfg.answers`, the split's clips are also answered and scored (pipeline.qa), by this model and by
+    `baseline` (another model directory, e.g. the untrained export) beside the cascade. Manifests are
+    checked before any model loads; files from an earlier evaluation there are replaced."""
     if (mels_url is None) != (teacher_url is None):
         raise EvalError("the distillation metrics need both a prepared dataset (mels) and its teacher cache")
     if mels_url is None and not manifests:
@@ -547,29 +562,61 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
                                "step": config.get("source", {}).get("step"), "config": dataclasses.asdict(ecfg),
                                "versions": cache.versions("torch", "transformers", "ray", "sacrebleu")}
     if mels_url is not None:
-        table, distill = evaluate_distillation(model_dir, mels_url, teacher_url, ecfg)
-        fs.makedirs(cache.join(root, DISTILL_DIR), exist_ok=True)
-        cache.write_parquet(fs, cache.join(root, DISTILL_DIR, f"{EXAMPLES}.parquet"), table)
-        cache.write_json(fs, cache.join(root, DISTILL_DIR, SUMMARY), distill)
-        summary["distillation"] = distill
-        log.info("evaluate: %s split, %d examples: L2 %.4g (median %.4g), cosine %.4g, first-token agreement %.3g",
-                 ecfg.split, distill["count"], distill["l2"]["mean"], distill["l2"]["median"],
-                 distill["cosine"]["mean"], distill["first_token_agreement"]["rate"])
+        summary["distillation"] = _write_distillation(model_dir, mels_url, teacher_url, ecfg, fs, root)
+    if mels_url is not None and ecfg.answers:
+        summary["answers"] = _write_answers(model_dir, baseline, mels_url, ecfg, fs, root)
     if tasks:
-        results = evaluate_tasks(model_dir, tasks, ecfg)
-        summary["tasks"] = {}
-        for (name, _), url in zip(tasks, manifests, strict=True):
-            task = {"manifest": url, **summarise_task(results[name], ecfg.label_score), "skipped": bad[name]}
-            directory = cache.join(root, TASKS_DIR, name)
-            fs.makedirs(directory, exist_ok=True)
-            lines = "".join(json.dumps(r | {"meta": json.loads(r["meta"]) if r["meta"] else None}, ensure_ascii=False)
-                            + "\n" for r in results[name])
-            fs.pipe_file(cache.join(directory, f"{EXAMPLES}.jsonl"), lines.encode())
-            cache.write_json(fs, cache.join(directory, SUMMARY), task)
-            summary["tasks"][name] = task
-            for error in task["errors"]:
-                log.warning("evaluate: %s", error)
+        summary["tasks"] = _write_tasks(model_dir, tasks, bad, manifests, ecfg, fs, root)
     summary["seconds"] = round(time.time() - t0, 3)
     fs.makedirs(root, exist_ok=True)
     cache.write_json(fs, cache.join(root, SUMMARY), summary)
     return summary
+
+
+def _write_distillation(model_dir: str, mels_url: str, teacher_url: str | None, ecfg: EvalConfig, fs: Any,
+                        root: str) -> dict[str, Any]:
+    table, distill = evaluate_distillation(model_dir, mels_url, teacher_url, ecfg)
+    fs.makedirs(cache.join(root, DISTILL_DIR), exist_ok=True)
+    cache.write_parquet(fs, cache.join(root, DISTILL_DIR, f"{EXAMPLES}.parquet"), table)
+    cache.write_json(fs, cache.join(root, DISTILL_DIR, SUMMARY), distill)
+    log.info("evaluate: %s split, %d examples: L2 %.4g (median %.4g), cosine %.4g, first-token agreement %.3g",
+             ecfg.split, distill["count"], distill["l2"]["mean"], distill["l2"]["median"],
+             distill["cosine"]["mean"], distill["first_token_agreement"]["rate"])
+    return distill
+
+
+def _write_answers(model_dir: str, baseline: str | None, mels_url: str, ecfg: EvalConfig, fs: Any,
+                   root: str) -> dict[str, Any]:
+    """Spoken questions answered by the model (and the baseline) and the cascade, scored (pipeline.qa)."""
+    from pipeline import qa
+    from pipeline.ingest import question_rows
+
+    models = {"student": _for_workers(model_dir)} | ({"baseline": _for_workers(baseline)} if baseline else {})
+    rows = qa.pick(question_rows(mels_url, ecfg.split), ecfg.max_questions)
+    answered = qa.answer_questions(models, rows, ecfg, _actor_options(ecfg))
+    summary = qa.summarise_answers(answered, [*models, "cascade"]) | {"split": ecfg.split}
+    fs.makedirs(cache.join(root, ANSWERS_DIR), exist_ok=True)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered)
+    fs.pipe_file(cache.join(root, ANSWERS_DIR, f"{EXAMPLES}.jsonl"), lines.encode())
+    cache.write_json(fs, cache.join(root, ANSWERS_DIR, SUMMARY), summary)
+    log.info("evaluate: %d spoken questions: %s", summary["count"],
+             {k: v for k, v in summary.items() if isinstance(v, dict)})
+    return summary
+
+
+def _write_tasks(model_dir: str, tasks: Sequence[tuple[str, Sequence[TaskExample]]], bad: dict[str, list[str]],
+                 manifests: Sequence[str], ecfg: EvalConfig, fs: Any, root: str) -> dict[str, Any]:
+    results = evaluate_tasks(model_dir, tasks, ecfg)
+    out = {}
+    for (name, _), url in zip(tasks, manifests, strict=True):
+        task = {"manifest": url, **summarise_task(results[name], ecfg.label_score), "skipped": bad[name]}
+        directory = cache.join(root, TASKS_DIR, name)
+        fs.makedirs(directory, exist_ok=True)
+        lines = "".join(json.dumps(r | {"meta": json.loads(r["meta"]) if r["meta"] else None}, ensure_ascii=False)
+                        + "\n" for r in results[name])
+        fs.pipe_file(cache.join(directory, f"{EXAMPLES}.jsonl"), lines.encode())
+        cache.write_json(fs, cache.join(directory, SUMMARY), task)
+        out[name] = task
+        for error in task["errors"]:
+            log.warning("evaluate: %s", error)
+    return out

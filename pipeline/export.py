@@ -43,6 +43,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.builders import (
     TINY_LLAMA,
     TINY_WHISPER,
+    fit_encoder_window,
     load_llm,
     load_tokenizer,
     load_whisper,
@@ -324,7 +325,6 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """(DiVA in eval mode carrying its template, tokenizer) from a model directory plus the base
     Whisper and LLM it names (`whisper`/`llm` override those names, e.g. with a local copy)."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     path = local_model_dir(path)
     config = read_config(path)
@@ -332,39 +332,12 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
         ckpt.refuse_pickles(path, "model directory")
     except ckpt.CheckpointError as exc:
         raise ModelDirError(str(exc)) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"{path}: the tokenizer does not load: {exc}") from exc
-    template = ChatTemplate(tuple(config["template"]["prefix_ids"]), tuple(config["template"]["suffix_ids"]),
-                            config["template"]["system_prompt"])
-    try:
-        derived = derive_template(tokenizer, template.system_prompt)
-    except TemplateError as exc:
-        raise ModelDirError(f"{path}: {exc}") from exc
-    if derived != template:
-        raise ModelDirError(f"{path}: the saved tokenizer's chat template gives prefix {list(derived.prefix_ids)} / "
-                            f"suffix {list(derived.suffix_ids)}, config.json records {list(template.prefix_ids)} / "
-                            f"{list(template.suffix_ids)}")
+    tokenizer, template = _tokenizer_and_template(path, config)
     state = load_file(os.path.join(path, WEIGHTS))
     _check_weights(path, config, state)
-
-    wspec, lspec = config["whisper"], config["llm"]
-    if wspec["tiny"] and whisper is None:
-        base = tiny_whisper(wspec["tiny"]["seed"], wspec["tiny"]["n_mels"], **wspec["tiny"]["config"])
-        base = base.to(device=device, dtype=dtype)
-    else:
-        base = load_whisper(whisper or wspec["name"], None if whisper else wspec["revision"], dtype, device)
-    if lspec["tiny"] and llm is None:
-        if lspec["tiny"]["vocab_size"] != len(tokenizer):
-            raise ModelDirError(f"{path}: the tiny LLM was built for {lspec['tiny']['vocab_size']} tokens, "
-                                f"the saved tokenizer has {len(tokenizer)}")
-        lm = tiny_llama(lspec["tiny"]["vocab_size"], seed=lspec["tiny"]["seed"], dtype=dtype, device=device,
-                        **lspec["tiny"]["config"])
-    else:
-        lm = load_llm(llm or lspec["name"], dtype=dtype, device=device, revision=None if llm else lspec["revision"])
-
-    mcfg = ModelConfig(whisper=wspec["name"], num_queries=config["num_queries"], trainable=[])
+    base = _base_whisper(config, whisper, dtype, device)
+    lm = _base_llm(path, config, llm, len(tokenizer), dtype, device)
+    mcfg = ModelConfig(whisper=config["whisper"]["name"], num_queries=config["num_queries"], trainable=[])
     model = DiVA(base, lm, template, mcfg)
     if model.hidden_size != config["H"] or model.queries.shape[1] != config["d"]:
         raise ModelDirError(f"{path}: the weights are for d={config['d']}, H={config['H']}; the base models "
@@ -380,7 +353,53 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
         except RuntimeError as exc:
             raise ModelDirError(f"{path}/{WEIGHTS}: the connector.* weights do not fit the Whisper decoder: "
                                 f"{exc}") from exc
+    model.audio_settings = audio_settings(config)  # the front end it was trained with, for pipeline.ask
     return model.eval(), tokenizer
+
+
+def _tokenizer_and_template(path: str, config: Mapping[str, Any]) -> tuple[Any, ChatTemplate]:
+    """The saved tokenizer, and the template config.json records, checked to be the one it derives."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path}: the tokenizer does not load: {exc}") from exc
+    template = ChatTemplate(tuple(config["template"]["prefix_ids"]), tuple(config["template"]["suffix_ids"]),
+                            config["template"]["system_prompt"])
+    try:
+        derived = derive_template(tokenizer, template.system_prompt)
+    except TemplateError as exc:
+        raise ModelDirError(f"{path}: {exc}") from exc
+    if derived != template:
+        raise ModelDirError(f"{path}: the saved tokenizer's chat template gives prefix {list(derived.prefix_ids)} / "
+                            f"suffix {list(derived.suffix_ids)}, config.json records {list(template.prefix_ids)} / "
+                            f"{list(template.suffix_ids)}")
+    return tokenizer, template
+
+
+def _base_whisper(config: Mapping[str, Any], override: str | None, dtype: torch.dtype, device: Any) -> Any:
+    """The Whisper config.json names (or `override`), its encoder reading the features' window."""
+    spec = config["whisper"]
+    if spec["tiny"] and override is None:
+        base = tiny_whisper(spec["tiny"]["seed"], spec["tiny"]["n_mels"], **spec["tiny"]["config"])
+        base = base.to(device=device, dtype=dtype)
+    else:
+        base = load_whisper(override or spec["name"], None if override else spec["revision"], dtype, device)
+    return fit_encoder_window(base, FeatureConfig(**config["features"]).n_frames)
+
+
+def _base_llm(path: str, config: Mapping[str, Any], override: str | None, vocab_size: int, dtype: torch.dtype,
+              device: Any) -> Any:
+    spec = config["llm"]
+    if spec["tiny"] and override is None:
+        if spec["tiny"]["vocab_size"] != vocab_size:
+            raise ModelDirError(f"{path}: the tiny LLM was built for {spec['tiny']['vocab_size']} tokens, "
+                                f"the saved tokenizer has {vocab_size}")
+        return tiny_llama(spec["tiny"]["vocab_size"], seed=spec["tiny"]["seed"], dtype=dtype, device=device,
+                          **spec["tiny"]["config"])
+    revision = None if override else spec["revision"]
+    return load_llm(override or spec["name"], dtype=dtype, device=device, revision=revision)
 
 
 def _check_weights(path: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:

@@ -44,9 +44,10 @@ def plot_loss(metrics: Sequence[Mapping[str, Any]], png: str, title: str = "DiVA
         raise ValueError("no metrics to plot")
     steps = [m["step"] for m in metrics]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for key, label in CURVES:
-        if all(key in m for m in metrics):
-            ax.plot(steps, [m[key] for m in metrics], label=label, marker="." if len(steps) < 40 else None)
+    for key, label in CURVES:  # a term may be absent from some steps (no distill while aligning alone)
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 40 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if all(m.get(k, 1) > 0 for m in metrics for k, _ in CURVES):
@@ -68,11 +69,12 @@ def plot_loss(metrics: Sequence[Mapping[str, Any]], png: str, title: str = "DiVA
 
 def training_summary(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """First and last values of each loss term, and the relative drop of the distillation loss."""
-    first, last = metrics[0], metrics[-1]
-    out: dict[str, Any] = {"steps": last["step"]}
+    out: dict[str, Any] = {"steps": metrics[-1]["step"]}
     for key, _ in CURVES:
-        out[key] = {"first": first[key], "last": last[key]}
-    out["distill_drop"] = 1.0 - last["distill"] / first["distill"] if first["distill"] else None
+        values = [m[key] for m in metrics if key in m]
+        out[key] = {"first": values[0], "last": values[-1]} if values else None
+    distill = out["distill"]
+    out["distill_drop"] = 1.0 - distill["last"] / distill["first"] if distill and distill["first"] else None
     out["examples_per_s"] = next((m["examples_per_s"] for m in reversed(metrics) if "examples_per_s" in m), None)
     return out
 
