@@ -8,11 +8,15 @@ rendering over --workers processes (default: every core). Re-running with the sa
 the clips already written and says when there was nothing new to do; an output made with other
 arguments is refused unless --overwrite. --check-questions renders nothing: it asks SmolLM2-135M-Instruct
 the held-out questions and prints each greedy answer with whether it names an accepted answer.
+--clips, --questions, --seed and --workers are the config keys corpus.clips, corpus.questions, ...
 """
 
 from __future__ import annotations
 
 from jobs import _common
+
+ALIASES = {"--clips": "corpus.clips", "--questions": "corpus.questions", "--seed": "corpus.seed",
+           "--workers": "corpus.workers"}
 
 
 def check_questions(count: int | None) -> int:
@@ -32,23 +36,19 @@ def check_questions(count: int | None) -> int:
 def run() -> int:
     from pipeline.speech_corpus import build_corpus, describe
 
-    p = _common.parser(__doc__, config=False)
+    p = _common.parser(__doc__, aliases=ALIASES)
     p.add_argument("--output", help="local directory for the release (required unless --check-questions)")
-    p.add_argument("--clips", type=int, default=2500, help="train+dev+test clips (default 2500)")
-    p.add_argument("--questions", type=int, default=None,
-                   help="held-out questions to speak into questions.tsv (default: all)")
-    p.add_argument("--seed", type=int, default=17)
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: every core)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other arguments")
     p.add_argument("--check-questions", action="store_true",
                    help="ask SmolLM2 the held-out questions instead of rendering")
-    args = p.parse_args()
+    args, cfg = _common.parse(p)
+    c = cfg.corpus
     if args.check_questions:
-        return check_questions(args.questions)
+        return check_questions(c.questions)
     if not args.output:
         p.error("--output is required")
-    summary = build_corpus(args.output, clips=args.clips, questions=args.questions, seed=args.seed,
-                           workers=args.workers, overwrite=args.overwrite)
+    summary = build_corpus(args.output, clips=c.clips, questions=c.questions, seed=c.seed, workers=c.workers,
+                           overwrite=args.overwrite)
     for line in describe(summary, args.output):
         print(line)
     return 0

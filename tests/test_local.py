@@ -55,7 +55,7 @@ def test_embedded_default_runs_end_to_end(ray_local, tmp_path):
     session's Ray; its report holds real numbers and a second run only confirms the outputs."""
     out = tmp_path / "local"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "jobs.local", "--output", str(out),
+    cmd = [sys.executable, "-m", "jobs.local", "--config", "tiny", "--output", str(out),
            "train.steps=6", "train.log_every=2", "train.checkpoint_every=3"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]

