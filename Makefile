@@ -4,11 +4,9 @@
 setup:
 	bash scripts/setup.sh
 
-# The main suite in .venv, then the torch_xla suite in .venv-xla (scripts/test_xla.sh creates it).
+# ruff, the main suite in .venv, then the torch_xla suite in .venv-xla (built while the main suite runs).
 test: setup
-	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
-	bash scripts/test_xla.sh
+	bash scripts/test.sh
 
 demo: setup
 	.venv/bin/python -m jobs.local

@@ -5,32 +5,10 @@ rows/s against the rows/s that step consumes.
                                      [--corpus runs/bench/cv-2000]
     python benchmarks/bench_train.py --quick     # smoke run: batch 2, 2 repeats, 1 epoch of the bundled corpus
 
-1. Step time, in this process, for one optimizer step of --batch examples, same model and batches:
-     cached: student forward + DivaLoss against the cached targets (the teacher never runs) +
-             backward + grad-norm clip + AdamW step, as pipeline.train does it
-     (a)     the original implementation's online teacher: the same step plus a no-grad forward of
-             the frozen LLM inside it, on prefix + transcript + suffix with every transcript padded
-             to 448 tokens (rows of len(prefix) + 448 + len(suffix), pads masked)
-     (b)     an online teacher on unpadded text: the batch padded only to its longest transcript
-   Data: the bundled corpus's clips through stage 1's own featurize_rows (real log-Mels), their
-   transcripts tokenised with the fixture tokenizer, targets from compute_targets stored float16 as
-   the teacher stage does, batched by pipeline.ingest.collate. The online teachers read the base
-   model's final-norm hidden state at the last real position (no LM head), i.e. the cached target,
-   and are checked against the cache before anything is timed.
-   Model: random Whisper (d_model 256, 2 encoder + 2 decoder layers, FFN 1024, 4 heads) and a
-   random Llama (--model, see LLAMAS), 448 queries, [B, 128, 3000] encoder input, float32, torch
-   threads = all cores. Steps are interleaved (cached, a, b, cached, ...), figures are medians of
-   wall time (process CPU time is recorded too: steadier when other work shares the cores), and
-   the teacher pass is timed inside the step. An analytic FLOP count puts the measured ratio
-   beside what the same step costs at the paper's sizes.
-2. Ingest: stages 1 and 2 (tiny preset, default file sizes) on a CommonVoice-layout corpus on a
-   local Ray (outputs kept under runs/bench/train-data/ and reused), then whole epochs of
-   pipeline.ingest.training_dataset(..., shuffle_seed=0) read with iter_torch_batches + Collate
-   (what training workers run: join, seeded shuffle, restored [128, 3000] mels, ids padded to
-   448); rows/s against the step's demand, B / cached step time. Each is measured alone on all
-   cores (in training they share them).
-3. With CUDA, part 1 again on the GPU in bf16 (autocast over float32 weights, one process; FSDP2
-   over several GPUs is measured by the training job's examples_per_s): examples/s and peak memory.
+1. Step time of the cached-target step against an online teacher, padded to 448 (a) or not (b).
+2. Ingest rows/s (join, shuffle, collate on a local Ray) against the rows/s the step consumes.
+3. With CUDA, part 1 on the GPU in bf16: examples/s and peak memory.
+What each part runs and how it is timed: docs/benchmarks.md.
 
 Writes runs/bench/train.json. The default run takes about 5 minutes on 2 idle cores.
 """

@@ -7,7 +7,9 @@ it for several manifests): free generation scored by exact/contains match and sa
 classification by the log-probability of each label (the paper's emotion/sarcasm/humour protocol). Per
 example outputs and summary.json files go under --output (layout: pipeline/evaluate.py). Manifests are
 checked before anything runs: every bad row is named with its file and line. The other flags are the
-config's eval.* keys (--split is eval.split, --device eval.device, ...).
+config's eval.* keys (--split is eval.split, --device eval.device, ...). With eval.answers=true (the small
+presets) the split's spoken questions are also answered by the model and the cascade, and by --baseline (the
+untrained student, `jobs.export --untrained`) when given, and scored against the LLM's typed answers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def run() -> int:
     p.add_argument("--output", required=True, help="directory for the results (local or gs://)")
     p.add_argument("--mels", help="the prepare stage's output (with --teacher: distillation metrics)")
     p.add_argument("--teacher", help="the teacher cache made from --mels with the model's LLM")
+    p.add_argument("--baseline", help="with eval.answers: a model directory to answer beside --model "
+                                      "(the untrained student, from jobs.export --untrained)")
     p.add_argument("--tasks", action="append", default=[], metavar="MANIFEST",
                    help="a JSONL task manifest (local or gs://); may be given several times")
     args, cfg = _common.parse(p)
@@ -37,18 +41,23 @@ def run() -> int:
     if not args.mels and not args.tasks:
         raise EvalError("nothing to evaluate: give --mels with --teacher, or --tasks, or both")
     # Fail fast, before Ray starts and models load: a bad model directory or manifest row.
-    read_config(local_model_dir(args.model))
+    for model in filter(None, (args.model, args.baseline)):
+        read_config(local_model_dir(model))
     if args.tasks:
         read_manifests(args.tasks, skip_bad_rows=cfg.eval.skip_bad_rows)
     _common.init_ray()
     summary = run_evaluate(args.model, args.output, cfg.eval, mels_url=args.mels, teacher_url=args.teacher,
-                           manifests=args.tasks)
+                           manifests=args.tasks, baseline=args.baseline)
     brief = {"output": args.output}
     if "distillation" in summary:
         d = summary["distillation"]
         brief["distillation"] = {"split": d["split"], "count": d["count"], "l2_mean": d["l2"]["mean"],
                                  "l2_median": d["l2"]["median"], "cosine_mean": d["cosine"]["mean"],
                                  "first_token_agreement": d["first_token_agreement"]["rate"]}
+    if "answers" in summary:
+        a = summary["answers"]
+        brief["answers"] = {"count": a["count"], "constant_baseline": a["constant_baseline"]} | {
+            name: a[name] for name in ("baseline", "student", "cascade") if name in a}
     for name, task in summary.get("tasks", {}).items():
         brief[name] = {k: task[k] for k in ("generation", "classification") if k in task} | {
             "errors": len(task["errors"]), "skipped": len(task["skipped"])}

@@ -5,6 +5,9 @@ corpus - a few training steps, an export that answers a spoken question with tex
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,15 @@ import torch
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def small(models: Path, *overrides: str):
-    return load_config("small", [f"model.whisper={models / 'whisper-tiny.en'}",
-                                 f"teacher.model={models / 'smollm2-135m-instruct'}", *overrides])
+def overrides(models: Path, *more: str) -> list[str]:
+    return [f"model.whisper={models / 'whisper-tiny.en'}", f"teacher.model={models / 'smollm2-135m-instruct'}", *more]
+
+
+def small(models: Path, *more: str):
+    return load_config("small", overrides(models, *more))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,6 @@ def spoken(tmp_path_factory) -> Path:
 
 def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, tmp_path):
     from pipeline.ask import answer
-    from pipeline.evaluate import run_evaluate
     from pipeline.export import export_checkpoint, export_untrained, load_model
     from pipeline.prepare import run_prepare
     from pipeline.report import read_metrics
@@ -79,8 +85,7 @@ def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, t
     from pipeline.train import run_training
 
     cfg = small(real_models, "train.steps=4", "train.align_only_steps=2", "train.log_every=1",
-                "train.checkpoint_every=4", "train.micro_batch_size=8", "train.global_batch_size=8",
-                "eval.max_questions=2", "eval.max_new_tokens=12")
+                "train.checkpoint_every=4", "train.micro_batch_size=8", "train.global_batch_size=8")
     mels, teacher, run = str(tmp_path / "mels"), str(tmp_path / "teacher"), str(tmp_path / "run")
     assert run_prepare(cfg, str(spoken), mels)["counts"]["clips_by_split"]["questions"] == 6
     run_teacher(cfg, mels, teacher)
@@ -94,10 +99,17 @@ def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, t
     clip = next((spoken / "clips").glob("*.mp3"))
     reply = answer(model, tok, clip, max_new_tokens=12)
     assert isinstance(reply, str) and reply.strip()
-    summary = run_evaluate(model_dir, str(tmp_path / "eval"), cfg.eval, mels_url=mels, teacher_url=teacher,
-                           baseline=untrained)
-    answers = summary["answers"]
+    # The evaluation through its CLI, on this session's Ray: --baseline answers beside --model.
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--config", "small", "--model", str(model_dir),
+         "--baseline", str(untrained), "--mels", mels, "--teacher", teacher, "--output", str(tmp_path / "eval"),
+         *overrides(real_models, "eval.max_questions=2", "eval.max_new_tokens=12")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads((tmp_path / "eval" / "summary.json").read_text())["answers"]
     assert answers["count"] == 2 and {"student", "baseline", "cascade"} <= set(answers)
+    assert json.loads(done.stdout)["answers"]["baseline"] == answers["baseline"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "answers" / "examples.jsonl").read_text().splitlines()]
     # The cascade transcribes TTS speech of a held-out question: its words are the question's (tiny.en is good
     # at this), so its answer is (nearly) the typed question's.
