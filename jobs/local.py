@@ -118,6 +118,11 @@ def metric_rows(cfg: Any, got: dict[str, Any], trained: dict[str, Any]) -> list[
     return rows
 
 
+def one_line(text: str) -> str:
+    """An answer as one line of the report's list (generated text may hold blank lines)."""
+    return " ".join(text.split())
+
+
 def answers_section(answers: dict[str, Any], out: Path) -> str:
     """The three systems side by side, and a few questions with every answer."""
     systems = [s for s in ("baseline", "student", "cascade") if s in answers]
@@ -131,8 +136,8 @@ def answers_section(answers: dict[str, Any], out: Path) -> str:
               f"{answers['constant_baseline']:.3f}", ""]
     examples = [json.loads(line) for line in (out / "eval" / "answers" / "examples.jsonl").read_text().splitlines()]
     for row in examples[:EXAMPLES_SHOWN]:
-        lines.append(f"- **{row['sentence']}**  \n  LLM, typed: {row['teacher_answer']}  \n" + "  \n".join(
-            f"  {names[s]}: {row[s]['answer']}" for s in systems))
+        lines.append(f"- **{row['sentence']}**  \n  LLM, typed: {one_line(row['teacher_answer'])}  \n" + "  \n".join(
+            f"  {names[s]}: {one_line(row[s]['answer'])}" for s in systems))
     return "\n".join(lines)
 
 
