@@ -153,7 +153,10 @@ class DiVA(nn.Module):
         """A: the frozen encoder's output [B, frames / 2, d], through `encoder_cache` when one is set and the
         batch carries its clips' keys."""
         if self.encoder_cache is not None and keys is not None:
-            return self.encoder_cache(self, input_features, keys)
+            return self.encoder_cache(self.run_encoder, input_features, keys)
+        return self.run_encoder(input_features)
+
+    def run_encoder(self, input_features: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
 
     def virtual_tokens(self, input_features: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,14 +246,14 @@ class EncoderCache:
         self.store: dict[int, torch.Tensor] = {}
         self.hits = self.misses = 0
 
-    def __call__(self, model: DiVA, input_features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def __call__(self, encode: typing.Callable[[torch.Tensor], torch.Tensor], input_features: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:
         ids = keys.tolist()
         missing = [i for i, k in enumerate(ids) if k not in self.store]
         self.hits, self.misses = self.hits + len(ids) - len(missing), self.misses + len(missing)
         fresh = {}
         if missing:
-            dtype = model.encoder.conv1.weight.dtype
-            out = model.encoder(input_features[missing].to(dtype)).last_hidden_state
+            out = encode(input_features[missing])
             fresh = dict(zip((ids[i] for i in missing), out.cpu(), strict=True))
             for key, value in fresh.items():
                 if self.bytes + value.nbytes <= self.max_bytes:
