@@ -38,6 +38,7 @@ from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_te
 from pipeline.config import Config, EvalConfig, from_dict
 from pipeline.export import audio_settings, load_model, local_model_dir, read_config
 from pipeline.ingest import collate, training_dataset
+from pipeline.losses import kl_divergence
 from pipeline.teacher import target_spec
 from pipeline.template import ChatTemplate, transcript_ids
 
@@ -71,8 +72,7 @@ def distill_metrics(model: Any, input_features: torch.Tensor, target: torch.Tens
         h_t = target.to(device=h_s.device, dtype=torch.float32)
         student_logits = head(h_s.to(head.weight.dtype)).float()
         teacher_logits = head(h_t.to(head.weight.dtype)).float()
-        kl = torch.nn.functional.kl_div(torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1),
-                                        log_target=True, reduction="none").sum(-1)
+        kl = kl_divergence(torch.log_softmax(teacher_logits, -1), torch.log_softmax(student_logits, -1))
         student_token, teacher_token = student_logits.argmax(-1), teacher_logits.argmax(-1)
         out = {
             "l2": (h_s - h_t).norm(dim=-1),

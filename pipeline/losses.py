@@ -88,6 +88,11 @@ def truncated_count(lengths: torch.Tensor, num_virtual: int) -> torch.Tensor:
     return (lengths > num_virtual).sum()
 
 
+def kl_divergence(teacher_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || other) over the last dim of two log-prob tensors: the evaluation's next-token gap."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - other_logprobs)).sum(-1)
+
+
 def kl_topk_loss(
     student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
 ) -> torch.Tensor:

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.losses import kl_divergence
 from pipeline.template import ChatTemplate, transcript_ids
 
 # Function words of English (articles, pronouns, auxiliaries, prepositions, conjunctions, wh-words).
@@ -70,11 +71,6 @@ def first_position(llm: Any, embeds: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         logits = llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[0, -1]
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def kl(teacher: torch.Tensor, other: torch.Tensor) -> float:
-    """KL(teacher || other) of two log-prob vectors."""
-    return float((teacher.exp() * (teacher - other)).sum())
 
 
 def text_answer(llm: Any, tokenizer: Any, template: ChatTemplate, text: str,
@@ -155,7 +151,8 @@ class AnswerWorker:
         systems["cascade"] = text_answer(self.llm, self.tokenizer, self.template, out["transcript"], n)
         for name, (answer, logprobs) in systems.items():
             out[name] = {"answer": answer, "first_token": int(logprobs.argmax()),
-                         "agree": int(logprobs.argmax()) == int(teacher.argmax()), "kl": kl(teacher, logprobs),
+                         "agree": int(logprobs.argmax()) == int(teacher.argmax()),
+                         "kl": float(kl_divergence(teacher, logprobs)),
                          "word_f1": word_f1(answer, reference)}
         return out
 
