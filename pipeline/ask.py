@@ -30,7 +30,7 @@ from pipeline import PipelineError, cache, features
 from pipeline import commonvoice as cv
 from pipeline.config import FeatureConfig, PrepareConfig
 from pipeline.model import DiVA
-from pipeline.template import ChatTemplate, derive_template
+from pipeline.template import ChatTemplate, derive_template, stop_ids
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -128,24 +128,6 @@ def _features(model: DiVA, input_features: torch.Tensor) -> torch.Tensor:
     return input_features.to(conv.weight.device)
 
 
-def stop_ids(model: DiVA, tokenizer: Any, template: ChatTemplate) -> set[int]:
-    """Ids that end the answer: the tokenizer's eos; the template's end-of-turn token (the suffix's
-    first token when it is a special token, e.g. Llama 3's <|eot_id|>, ChatML's <|im_end|>); and the
-    eos ids a pretrained checkpoint declares in its generation_config.json (not the placeholder
-    defaults of a model built in code)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    if template.suffix_ids and (template.suffix_ids[0] in added and added[template.suffix_ids[0]].special):
-        ids.add(int(template.suffix_ids[0]))
-    generation = getattr(model.llm, "generation_config", None)
-    if generation is not None and not getattr(generation, "_from_model_config", True):
-        eos = generation.eos_token_id
-        ids.update(int(i) for i in ([eos] if isinstance(eos, int) else eos or []))
-    return ids
-
-
 # --- generation -----------------------------------------------------------------------------------------
 
 
@@ -166,7 +148,7 @@ def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor, *, promp
     if limit is not None and embeds.shape[1] + max_new_tokens > limit:
         raise AskError(f"{embeds.shape[1]} prompt positions + max_new_tokens {max_new_tokens} exceed the LLM's "
                        f"{limit} positions")
-    return _decode(model, embeds, stop_ids(model, tokenizer, template), max_new_tokens, temperature, seed)
+    return _decode(model, embeds, stop_ids(model.llm, tokenizer, template), max_new_tokens, temperature, seed)
 
 
 def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: int, temperature: float,

@@ -96,6 +96,10 @@ class TeacherConfig:
     padding_side: Literal["left", "right"] = "right"
     # Also cache the top-k next-token ids and log-probs (for an optional KL term); 0 = off.
     top_k: int = 0
+    # Beyond the paper: also generate the LLM's greedy response (up to K tokens, to its end of turn) and
+    # cache the final-norm state at each position that predicts a response token (train.distill_positions).
+    # 0 = the paper's single target.
+    response_tokens: int = 0
     # Rows handed to one actor call; bucketing happens within it, so more rows pack better.
     rows_per_call: int = 512
     num_actors: int = 1
@@ -172,6 +176,12 @@ class TrainConfig:
     # Beyond the paper: a KL term on the teacher's cached top-k next-token log-probs (needs a cache made
     # with teacher.top_k > 0). 0 = off, as in the paper.
     w_kl: float = 0.0
+    # Beyond the paper: distil the states that predict the teacher's first P response tokens, not only the
+    # first (the student reads the teacher's response[:P-1] after its virtual tokens; needs a cache made with
+    # teacher.response_tokens >= P). Position j weighs position_decay**(j-1) in each example's weighted mean
+    # over the positions its response has. 1 = the paper.
+    distill_positions: int = 1
+    position_decay: float = 1.0
     # "sum" over a transcript's tokens (paper Eq. 1) or "token_mean" (the released code's scaling).
     align_reduction: Literal["sum", "token_mean"] = "sum"
     dtype: Literal["float32", "bfloat16"] = "float32"  # frozen encoder/LLM; trainable weights stay float32
@@ -258,6 +268,7 @@ class Config:
         if self.train.w_kl > 0 and self.teacher.top_k <= 0:
             raise ConfigError(f"train.w_kl={self.train.w_kl} needs the teacher's top-k log-probs: set teacher.top_k "
                               "> 0 (and cache the targets with it)")
+        self._check_positions()
         if self.prepare.max_duration_s > self.features.chunk_length_s:
             raise ConfigError(f"prepare.max_duration_s={self.prepare.max_duration_s} exceeds the encoder window "
                               f"features.chunk_length_s={self.features.chunk_length_s}: longer clips would be cut")
@@ -265,6 +276,18 @@ class Config:
         if self.train.cache_encoder and (self.train.device == "xla" or sharded):
             raise ConfigError("train.cache_encoder needs the plain backend (train.device cpu, or cuda with "
                               "train.fsdp=false): a sharded encoder runs collectively on every worker")
+
+    def _check_positions(self) -> None:
+        k, p, decay = self.teacher.response_tokens, self.train.distill_positions, self.train.position_decay
+        if k < 0:
+            raise ConfigError(f"teacher.response_tokens must be >= 0, not {k}")
+        if p < 1:
+            raise ConfigError(f"train.distill_positions must be >= 1 (1 = the paper), not {p}")
+        if p > 1 and k < p:
+            raise ConfigError(f"train.distill_positions={p} needs the teacher's states at {p} response positions: "
+                              f"set teacher.response_tokens >= {p} (and cache the targets with it), not {k}")
+        if not decay > 0:
+            raise ConfigError(f"train.position_decay must be > 0, not {decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -588,13 +588,8 @@ def _write_distillation(model_dir: str, mels_url: str, teacher_url: str | None, 
 def _write_answers(model_dir: str, baseline: str | None, mels_url: str, ecfg: EvalConfig, fs: Any,
                    root: str) -> dict[str, Any]:
     """Spoken questions answered by the model (and the baseline) and the cascade, scored (pipeline.qa)."""
-    from pipeline import qa
-    from pipeline.ingest import question_rows
-
-    models = {"student": _for_workers(model_dir)} | ({"baseline": _for_workers(baseline)} if baseline else {})
-    rows = qa.pick(question_rows(mels_url, ecfg.split), ecfg.max_questions)
-    answered = qa.answer_questions(models, rows, ecfg, _actor_options(ecfg))
-    summary = qa.summarise_answers(answered, [*models, "cascade"]) | {"split": ecfg.split}
+    models = {"student": model_dir} | ({"baseline": baseline} if baseline else {})
+    answered, summary = answer_spoken_questions(models, mels_url, ecfg)
     fs.makedirs(cache.join(root, ANSWERS_DIR), exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered)
     fs.pipe_file(cache.join(root, ANSWERS_DIR, f"{EXAMPLES}.jsonl"), lines.encode())
@@ -602,6 +597,19 @@ def _write_answers(model_dir: str, baseline: str | None, mels_url: str, ecfg: Ev
     log.info("evaluate: %d spoken questions: %s", summary["count"],
              {k: v for k, v in summary.items() if isinstance(v, dict)})
     return summary
+
+
+def answer_spoken_questions(models: dict[str, str], mels_url: str, ecfg: EvalConfig
+                            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The split's clips (up to eval.max_questions) answered by every named model directory and the cascade,
+    in one pass (the teacher's typed answers computed once): (one row per clip, scores per system)."""
+    from pipeline import qa
+    from pipeline.ingest import question_rows
+
+    rows = qa.pick(question_rows(mels_url, ecfg.split), ecfg.max_questions)
+    answered = qa.answer_questions({name: _for_workers(d) for name, d in models.items()}, rows, ecfg,
+                                   _actor_options(ecfg))
+    return answered, qa.summarise_answers(answered, [*models, "cascade"]) | {"split": ecfg.split}
 
 
 def _write_tasks(model_dir: str, tasks: Sequence[tuple[str, Sequence[TaskExample]]], bad: dict[str, list[str]],

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MEL_COLUMNS = ["id", "mel", "mel_pad_value"]
 TARGET_COLUMNS = ["id", "token_ids", "target"]
 TOPK_COLUMNS = ["topk_ids", "topk_logprobs"]  # read when the training run uses the KL term (train.w_kl > 0)
+RESPONSE_COLUMNS = ["response_ids", "response_target"]  # read when train.distill_positions > 1
 # Bytes of input per join partition: about one Ray Data block (128 MiB), so a partition's join fits
 # a reduce task's memory several times over.
 PARTITION_BYTES = 128 * 2**20
@@ -54,6 +55,7 @@ def collate(
     n_frames: int = 3000,
     num_queries: int = 448,
     target_dtype: str,
+    distill_positions: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Joined rows -> tensors whose shapes depend on the batch size alone (XLA compiles each shape once).
 
@@ -62,6 +64,10 @@ def collate(
     with 0; `lengths` [B] int64 is the ORIGINAL token count (not clipped), so the loss can count
     truncation and clamp it itself; `target` [B, H] float32 is `teacher.decode_target` of each row.
     Rows that carry the teacher's top-k (`topk_ids`, `topk_logprobs`) give them as [B, k] tensors.
+    With `distill_positions` P > 1 (rows carry the teacher's response): `target` is [B, P, H], the states
+    predicting response tokens 1..P, zero past a row's response; `target_mask` [B, P] float32 is 1 where a
+    response token exists; `response_ids` [B, P - 1] int64 is the response's first P - 1 tokens (the
+    student's teacher-forced inputs), right-padded with 0 (causal: padding reaches only masked positions).
     """
     import torch
 
@@ -101,25 +107,56 @@ def collate(
     keep = cols[None, :] < np.minimum(lengths, num_queries)[:, None]
     token_ids = np.where(keep, flat[np.where(keep, starts[:, None] + cols[None, :], len(flat) - 1)], 0)
 
-    blobs = list(batch["target"])
-    widths = {len(b) for b in blobs}
-    if len(widths) > 1:
-        raise ValueError(f"targets of different sizes in one batch: {sorted(widths)} bytes")
-    raw = np.frombuffer(b"".join(blobs), dtype=np.int16).reshape(size, -1).copy()
-    # Exactly teacher.decode_target, for the whole batch at once (bf16 has no numpy dtype).
-    target = torch.from_numpy(raw).view(getattr(torch, target_dtype)).float()
-
     out = {
         "input_features": torch.from_numpy(features),
         "token_ids": torch.from_numpy(np.ascontiguousarray(token_ids, dtype=np.int64)),
         "lengths": torch.from_numpy(lengths),
-        "target": target,
+        "target": _decode_targets(list(batch["target"]), target_dtype),
     }
+    if distill_positions > 1:
+        out |= _response_positions(batch, distill_positions, out["target"].shape[1], target_dtype, row)
     if "topk_ids" in batch:  # the teacher's top-k next tokens, for the optional KL term: [B, k] each
         out["topk_ids"] = torch.from_numpy(np.stack([np.asarray(t, dtype=np.int64) for t in batch["topk_ids"]]))
         out["topk_logprobs"] = torch.from_numpy(
             np.stack([np.asarray(t, dtype=np.float32) for t in batch["topk_logprobs"]]))
     return out
+
+
+def _decode_targets(blobs: list[bytes], target_dtype: str) -> torch.Tensor:
+    """Equal-sized target blobs -> float32 [n, H]: exactly teacher.decode_target, for all rows at once (bf16
+    has no numpy dtype)."""
+    import torch
+
+    widths = {len(b) for b in blobs}
+    if len(widths) > 1:
+        raise ValueError(f"targets of different sizes in one batch: {sorted(widths)} bytes")
+    raw = np.frombuffer(b"".join(blobs), dtype=np.int16).reshape(len(blobs), -1).copy()
+    return torch.from_numpy(raw).view(getattr(torch, target_dtype)).float()
+
+
+def _response_positions(batch: dict[str, Any], positions: int, hidden: int, target_dtype: str,
+                        row: Any) -> dict[str, torch.Tensor]:
+    """`target` [B, P, H], `target_mask` [B, P] and `response_ids` [B, P - 1] from the response columns."""
+    import torch
+
+    if "response_ids" not in batch:
+        raise ValueError(f"distill_positions={positions} needs the teacher's response columns "
+                         "(a cache made with teacher.response_tokens > 0)")
+    size = len(batch["response_ids"])
+    target = torch.zeros(size, positions, hidden)
+    mask = torch.zeros(size, positions)
+    response_ids = torch.zeros(size, positions - 1, dtype=torch.long)
+    for i, (ids, blob) in enumerate(zip(batch["response_ids"], batch["response_target"], strict=True)):
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(blob) != 2 * hidden * len(ids) or not len(ids):
+            raise ValueError(f"{row(i)}: response_target has {len(blob)} bytes for {len(ids)} response tokens "
+                             f"of {hidden} values")
+        n = min(len(ids), positions)
+        target[i, :n] = _decode_targets([blob], target_dtype).view(len(ids), hidden)[:n]
+        mask[i, :n] = 1.0
+        m = min(len(ids), positions - 1)
+        response_ids[i, :m] = torch.from_numpy(ids[:m])
+    return {"target": target, "target_mask": mask, "response_ids": response_ids}
 
 
 class Collate(NumpyBatchCollateFn):
@@ -130,8 +167,9 @@ class Collate(NumpyBatchCollateFn):
     """
 
     def __init__(self, *, n_mels: int, n_frames: int = 3000, num_queries: int = 448, target_dtype: str,
-                 keys: bool = False):
-        self.kwargs = {"n_mels": n_mels, "n_frames": n_frames, "num_queries": num_queries, "target_dtype": target_dtype}
+                 keys: bool = False, distill_positions: int = 1):
+        self.kwargs = {"n_mels": n_mels, "n_frames": n_frames, "num_queries": num_queries, "target_dtype": target_dtype,
+                       "distill_positions": distill_positions}
         self.keys = keys
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -181,6 +219,7 @@ def training_dataset(
     num_partitions: int | None = None,
     skip_missing_files: bool = False,
     topk: bool = False,
+    positions: int = 1,
 ) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """(Dataset of joined rows: id, mel, mel_pad_value, token_ids, target; what joined and what did not).
 
@@ -190,9 +229,10 @@ def training_dataset(
     `skip_missing_files`: then their rows are left out and named in the counts. Rows are joined on `id`
     (Ray Data's hash join over `num_partitions`, default one per ~128 MiB of input) and, with
     `shuffle_seed`, put in `shuffled_order` (the same in every execution): docs/design.md, "Ingest".
-    `topk`: also the teacher's cached top-k columns (the KL term's targets).
+    `topk`: also the teacher's cached top-k columns (the KL term's targets). `positions` > 1: also the
+    teacher's response columns, refusing a cache made with fewer response tokens (train.distill_positions).
     """
-    mels, teacher = _opened(mels_url, teacher_url, expect, split, topk)
+    mels, teacher = _opened(mels_url, teacher_url, expect, split, topk, positions)
     mel_files, mel_bytes, missing_mels = _listed_files(mels_url, MELS_DIR, mels["files"][MELS_DIR])
     target_files, target_bytes, missing_targets = _listed_files(teacher_url, TARGETS_DIR, teacher["files"][TARGETS_DIR])
     reject_files, _, _ = _listed_files(teacher_url, REJECTS_DIR, teacher["files"].get(REJECTS_DIR, []))
@@ -225,7 +265,8 @@ def training_dataset(
         "num_partitions": num_partitions,
     }
     left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
-    right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS + (TOPK_COLUMNS if topk else []))
+    right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS + (TOPK_COLUMNS if topk else [])
+                          + (RESPONSE_COLUMNS if positions > 1 else []))
     ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
     if shuffle_seed is not None:
         ds = _shuffle(ds, shuffle_seed)
@@ -234,7 +275,7 @@ def training_dataset(
 
 
 def _opened(mels_url: str, teacher_url: str, expect: dict[str, Any] | None, split: str,
-            topk: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+            topk: bool, positions: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """The two manifests, refusing a pair that does not belong together or lacks what is asked for."""
     from pipeline.teacher import open_teacher
 
@@ -249,6 +290,11 @@ def _opened(mels_url: str, teacher_url: str, expect: dict[str, Any] | None, spli
     if topk and not teacher["target"].get("top_k"):
         raise cache.DatasetError(f"{teacher_url} holds no top-k log-probs (made with teacher.top_k=0): the KL term "
                                  "(train.w_kl > 0) needs a cache made with teacher.top_k > 0")
+    held = teacher.get("response_tokens", 0)
+    if positions > 1 and held < positions:
+        raise cache.DatasetError(f"{teacher_url} holds the teacher's states at {held} response position(s) (made "
+                                 f"with teacher.response_tokens={held}): train.distill_positions={positions} needs a "
+                                 f"cache made with teacher.response_tokens >= {positions}")
     splits = mels["source"]["splits"]
     if split not in splits:
         raise cache.DatasetError(f"{mels_url} has no split {split!r}; it holds {', '.join(splits)}")

@@ -38,6 +38,28 @@ def distillation_loss(h_student: torch.Tensor, h_teacher: torch.Tensor) -> torch
     return torch.linalg.vector_norm(diff, ord=2, dim=-1)
 
 
+def position_weights(mask: torch.Tensor, decay: float) -> torch.Tensor:
+    """Per-position weights [B, P]: ``decay**(j-1)`` where a response token j exists (mask 1), else 0, divided
+    by each row's sum, so every example's weights sum to 1 whatever its response length (float32)."""
+    steps = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)
+    w = torch.pow(torch.full((), float(decay), device=mask.device), steps)[None, :] * mask.float()
+    return w / w.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def multi_position_distillation(h_student: torch.Tensor, h_teacher: torch.Tensor, mask: torch.Tensor,
+                                decay: float = 1.0) -> torch.Tensor:
+    """Beyond the paper: per-example ``sum_j w_j ||h_s[j] - h_t[j]||_2`` over the positions that predict the
+    teacher's response tokens 1..P (`position_weights`: masked where the response ended, a weighted mean) -> [B].
+    [B, P, H], [B, P, H], [B, P]; with P = 1 it is `distillation_loss`."""
+    if h_student.shape != h_teacher.shape or h_student.dim() != 3 or mask.shape != h_student.shape[:2]:
+        raise ValueError(f"expected h_student, h_teacher [B, P, H] and mask [B, P]; got {tuple(h_student.shape)}, "
+                         f"{tuple(h_teacher.shape)}, {tuple(mask.shape)}")
+    norms = torch.linalg.vector_norm(h_student.float() - h_teacher.float(), ord=2, dim=-1)  # [B, P]
+    w = position_weights(mask, decay)
+    # where, not a multiply alone: a masked position's norm (of zero-filled targets) gets no gradient at all.
+    return torch.where(w > 0, norms * w, torch.zeros((), dtype=norms.dtype, device=norms.device)).sum(dim=1)
+
+
 def aligned_lengths(lengths: torch.Tensor, num_virtual: int, text_width: int) -> torch.Tensor:
     """``n_b = min(lengths[b], Q, N)`` (and >= 0): how many tokens of each transcript take part in Eq. 1.
 
@@ -141,6 +163,7 @@ class DivaLoss:
     w_align: float = 1.0
     w_kl: float = 0.0
     align_reduction: AlignReduction = "sum"
+    position_decay: float = 1.0  # multi-position distillation (h_teacher [B, P, H]) only
 
     def __post_init__(self) -> None:
         weights = {"w_distill": self.w_distill, "w_align": self.w_align, "w_kl": self.w_kl}
@@ -149,6 +172,8 @@ class DivaLoss:
                 raise ValueError(f"{name} must be >= 0, not {value}")
         if not any(weights.values()):
             raise ValueError("at least one of w_distill, w_align, w_kl must be > 0")
+        if not self.position_decay > 0.0:
+            raise ValueError(f"position_decay must be > 0, not {self.position_decay}")
         if self.align_reduction not in ("sum", "token_mean"):
             raise ValueError(f"align_reduction must be 'sum' or 'token_mean', not {self.align_reduction!r}")
 
@@ -168,13 +193,21 @@ class DivaLoss:
         student_logits: torch.Tensor | None = None,
         teacher_topk_ids: torch.Tensor | None = None,
         teacher_topk_logprobs: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the scalar float32 total and detached parts for logging: ``distill`` and ``align`` (batch
         means, before weighting), ``truncated`` (int64 count), and ``kl`` when ``w_kl > 0``. Without
-        `h_student` (only when no term needs it: `needs_llm`) there is no ``distill`` part."""
+        `h_student` (only when no term needs it: `needs_llm`) there is no ``distill`` part. With h_teacher
+        [B, P, H] (and `target_mask` [B, P]) the distillation term is `multi_position_distillation`."""
         if h_student is None and self.needs_llm:
             raise ValueError("w_distill > 0 or w_kl > 0 needs h_student")
-        distill = distillation_loss(h_student, h_teacher).mean() if h_student is not None else None
+        distill = None
+        if h_student is not None and h_teacher.dim() == 3:
+            if target_mask is None:
+                raise ValueError("h_teacher [B, P, H] needs target_mask [B, P]")
+            distill = multi_position_distillation(h_student, h_teacher, target_mask, self.position_decay).mean()
+        elif h_student is not None:
+            distill = distillation_loss(h_student, h_teacher).mean()
         per_example = alignment_loss(virtual, text, lengths)
         if self.align_reduction == "sum":
             align = per_example.mean()

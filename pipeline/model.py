@@ -180,24 +180,32 @@ class DiVA(nn.Module):
         suffix = embed(self.suffix_ids).unsqueeze(0).expand(batch, -1, -1)
         return torch.cat([prefix, virtual.to(prefix.dtype), suffix], dim=1)
 
-    def student_hidden(self, virtual: torch.Tensor) -> torch.Tensor:
+    def student_hidden(self, virtual: torch.Tensor, response_ids: torch.Tensor | None = None) -> torch.Tensor:
         """h_student [B, H]: the LLM's last hidden state after the final norm (the LM head's input) at
         the last position, the one that predicts the first response token. Not under no_grad: the
-        LLM's weights are frozen, but the gradient must flow through it to the virtual tokens."""
-        out = self.llm.base_model(inputs_embeds=self.student_inputs(virtual), use_cache=False)
-        return out.last_hidden_state[:, -1]
+        LLM's weights are frozen, but the gradient must flow through it to the virtual tokens.
+
+        With `response_ids` [B, P - 1] (the teacher's response, teacher-forced: train.distill_positions)
+        the LLM reads them after the suffix and this is [B, P, H]: the states predicting response tokens 1..P.
+        """
+        inputs = self.student_inputs(virtual)
+        if response_ids is None:
+            return self.llm.base_model(inputs_embeds=inputs, use_cache=False).last_hidden_state[:, -1]
+        inputs = torch.cat([inputs, self.llm.get_input_embeddings()(response_ids).to(inputs.dtype)], dim=1)
+        out = self.llm.base_model(inputs_embeds=inputs, use_cache=False)
+        return out.last_hidden_state[:, -(response_ids.shape[1] + 1):]
 
     @torch.no_grad()
     def text_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         """t_text: the LLM's input embeddings of token ids [B, N] -> [B, N, H] (alignment targets)."""
         return self.llm.get_input_embeddings()(token_ids)
 
-    def forward(self, input_features: torch.Tensor, keys: torch.Tensor | None = None,
-                llm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(t_audio [B, Q, H], h_student [B, H]): what the alignment and distillation losses need. llm=False
-        skips the LLM pass (h_student None), for training on the alignment loss alone."""
+    def forward(self, input_features: torch.Tensor, keys: torch.Tensor | None = None, llm: bool = True,
+                response_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(t_audio [B, Q, H], h_student [B, H], or [B, P, H] given `response_ids`): what the alignment and
+        distillation losses need. llm=False skips the LLM pass (h_student None), for the alignment loss alone."""
         virtual = self.virtual_tokens(input_features, keys)
-        return virtual, self.student_hidden(virtual) if llm else None
+        return virtual, self.student_hidden(virtual, response_ids) if llm else None
 
 
 @torch.no_grad()

@@ -76,22 +76,15 @@ def first_position(llm: Any, embeds: torch.Tensor) -> torch.Tensor:
 def text_answer(llm: Any, tokenizer: Any, template: ChatTemplate, text: str,
                 max_new_tokens: int) -> tuple[str, torch.Tensor]:
     """The LLM's greedy answer to `text` in the chat template, and its first-position log-probs."""
-    from pipeline.ask import stop_ids
+    from pipeline.template import stop_ids
 
     ids = torch.tensor([template.wrap(transcript_ids(tokenizer, text))], device=llm.device)
     embeds = llm.get_input_embeddings()(ids)
-    stops = sorted(stop_ids(_AsLlm(llm), tokenizer, template))
+    stops = sorted(stop_ids(llm, tokenizer, template))
     with torch.inference_mode():
         out = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                            eos_token_id=stops, pad_token_id=stops[0])
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), first_position(llm, embeds)
-
-
-class _AsLlm:
-    """What ask.stop_ids reads of a model (its `.llm`), for a bare LLM."""
-
-    def __init__(self, llm: Any):
-        self.llm = llm
 
 
 def student_answer(model: Any, tokenizer: Any, features: torch.Tensor, max_new_tokens: int

@@ -63,14 +63,17 @@ class LossParts:
 
 def forward_loss(model: Any, batch: dict[str, torch.Tensor], loss_fn: DivaLoss) -> LossParts:
     """One micro-batch (pipeline.ingest.collate's tensors, on the model's device) -> its loss parts. The LLM
-    runs only when a term needs it; without it `distill` is NaN (not computed, not logged)."""
-    virtual, h_student = model(batch["input_features"], batch.get("clip_key"), llm=loss_fn.needs_llm)
-    kl_inputs = {}
-    if loss_fn.w_kl > 0:  # the top-k KL term needs the student's logits at the same position
-        kl_inputs = {"student_logits": model.llm.get_output_embeddings()(h_student),
-                     "teacher_topk_ids": batch["topk_ids"], "teacher_topk_logprobs": batch["topk_logprobs"]}
+    runs only when a term needs it; without it `distill` is NaN (not computed, not logged). A batch with
+    `response_ids` (train.distill_positions > 1) distils every position its `target_mask` marks."""
+    virtual, h_student = model(batch["input_features"], batch.get("clip_key"), llm=loss_fn.needs_llm,
+                               response_ids=batch.get("response_ids"))
+    extra = {"target_mask": batch["target_mask"]} if "target_mask" in batch else {}
+    if loss_fn.w_kl > 0:  # the top-k KL term needs the student's logits at the first response position
+        first = h_student[:, 0] if h_student.dim() == 3 else h_student
+        extra |= {"student_logits": model.llm.get_output_embeddings()(first),
+                  "teacher_topk_ids": batch["topk_ids"], "teacher_topk_logprobs": batch["topk_logprobs"]}
     text = model.text_embeddings(batch["token_ids"])
-    total, parts = loss_fn(h_student, batch["target"], virtual, text, batch["lengths"], **kl_inputs)
+    total, parts = loss_fn(h_student, batch["target"], virtual, text, batch["lengths"], **extra)
     absent = {"distill": float("nan"), "kl": 0.0}
     parts = {k: torch.full((), v, device=total.device, dtype=total.dtype) for k, v in absent.items()} | parts
     return LossParts(total=total, distill=parts["distill"], align=parts["align"], kl=parts["kl"],

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from pipeline import cache, layout
 from pipeline.builders import TINY_LLAMA, for_workers, load_teacher_model, load_tokenizer, resolve
-from pipeline.template import ChatTemplate, TemplateError, derive_template, transcript_ids
+from pipeline.template import ChatTemplate, TemplateError, derive_template, stop_ids, transcript_ids
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,15 @@ def fixed_length_efficiency(lengths: Sequence[int], padded_length: int) -> float
 
 @dataclass(frozen=True)
 class TeacherTargets:
-    """Per transcript, in input order: h_teacher, and optionally the top-k next-token ids and
-    log-probs at the same position (for an optional KL term beyond the paper)."""
+    """Per transcript, in input order: h_teacher, optionally the top-k next-token ids and log-probs at the
+    same position (for an optional KL term beyond the paper), and with `response_tokens` > 0 the greedy
+    response and the state at each position that predicts one of its tokens (row 0 is `hidden`)."""
 
     hidden: np.ndarray  # float32 [n, H]
     topk_ids: np.ndarray | None = None  # int32 [n, k], most likely first
     topk_logprobs: np.ndarray | None = None  # float32 [n, k]
+    responses: list[list[int]] | None = None  # up to K ids each, ending with the stop id when one came
+    response_hidden: list[np.ndarray] | None = None  # float32 [len(response), H] each
 
 
 def compute_targets(
@@ -104,6 +107,8 @@ def compute_targets(
     padding_side: PaddingSide = "right",
     top_k: int = 0,
     pad_id: int = 0,
+    response_tokens: int = 0,
+    stops: Sequence[int] = (),
 ) -> TeacherTargets:
     """Run the frozen LLM on template.wrap(ids) for every transcript, in length buckets, and return
     the final-norm hidden state at each sequence's last real position.
@@ -113,7 +118,10 @@ def compute_targets(
     are masked out) goes on `padding_side`; position ids count real tokens only, so each result
     equals the forward of that sequence alone. Top-k log-probs are log_softmax(lm_head(h)), which
     is the model's next-token distribution for Llama-style heads (the premise of the paper's
-    Lemma 1: P = softmax(O h)).
+    Lemma 1: P = softmax(O h)). With `response_tokens` K > 0 the LLM first answers each transcript
+    (greedy, up to K tokens, ending at the first of `stops`), then reads prompt + response in one
+    teacher-forced pass whose states at the prompt's last position and at each response token but the
+    last are the targets for response tokens 1..len (the first is `hidden`).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
@@ -122,14 +130,19 @@ def compute_targets(
         raise ValueError(f"top_k must be between 0 and the vocabulary size {vocab_size}, not {top_k}")
     if not 0 <= pad_id < vocab_size:
         raise ValueError(f"pad_id {pad_id} is outside the vocabulary (size {vocab_size})")
+    if response_tokens < 0:
+        raise ValueError(f"response_tokens must be >= 0, not {response_tokens}")
 
     sequences = [template.wrap(ids) for ids in token_id_lists]
-    _check_sequences(sequences, vocab_size, getattr(model.config, "max_position_embeddings", None))
-    lengths = [len(s) for s in sequences]
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    _check_sequences(sequences, vocab_size, max_positions and max_positions - response_tokens)
+    lengths = [len(s) + response_tokens for s in sequences]  # what a bucket's forward passes will cover
     n = len(sequences)
     hidden = np.empty((n, model.config.hidden_size), dtype=np.float32)
     topk_ids = np.empty((n, top_k), dtype=np.int32) if top_k else None
     topk_logprobs = np.empty((n, top_k), dtype=np.float32) if top_k else None
+    responses: list[list[int]] = [[] for _ in range(n)]
+    response_hidden: list[np.ndarray] = [hidden[:0] for _ in range(n)]
 
     device = model.device
     # LlamaForCausalLM is `lm_head(model(...).last_hidden_state)`. In transformers 5.23
@@ -144,15 +157,16 @@ def compute_targets(
     head = model.get_output_embeddings()
     with torch.inference_mode():
         for batch in length_buckets(lengths, max_tokens_per_batch, max_batch_size):
-            input_ids, attention_mask, position_ids, last = _pad_batch(
-                [sequences[i] for i in batch], padding_side, pad_id
-            )
-            out = base(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                use_cache=False,
-            )
+            prompts = [sequences[i] for i in batch]
+            answers = _greedy(model, prompts, response_tokens, stops, pad_id) if response_tokens else [[]] * len(batch)
+            # Teacher forcing: the last response token predicts nothing we keep, so it is not read.
+            input_ids, attention_mask, position_ids, _ = _pad_batch(
+                [p + a[:-1] for p, a in zip(prompts, answers, strict=True)], padding_side, pad_id)
+            out = base(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device), use_cache=False)
+            start = (input_ids.shape[1] - attention_mask.sum(1) if padding_side == "left"
+                     else torch.zeros(len(batch), dtype=torch.long))
+            last = start + torch.tensor([len(p) - 1 for p in prompts])  # predicts response token 1
             h = out.last_hidden_state[torch.arange(len(batch), device=device), last.to(device)]
             index = np.asarray(batch)
             hidden[index] = h.float().cpu().numpy()
@@ -161,7 +175,34 @@ def compute_targets(
                 values, ids = torch.topk(logprobs, top_k, dim=-1)
                 topk_ids[index] = ids.cpu().numpy().astype(np.int32)
                 topk_logprobs[index] = values.cpu().numpy()
-    return TeacherTargets(hidden=hidden, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+            for row, (i, answer) in enumerate(zip(batch, answers, strict=True)):
+                if answer:
+                    first = int(last[row])
+                    responses[i] = answer
+                    response_hidden[i] = out.last_hidden_state[row, first:first + len(answer)].float().cpu().numpy()
+    if not response_tokens:
+        return TeacherTargets(hidden=hidden, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    return TeacherTargets(hidden, topk_ids, topk_logprobs, responses, response_hidden)
+
+
+def _greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stops: Sequence[int],
+            pad_id: int) -> list[list[int]]:
+    """transformers' greedy `generate` over a left-padded batch: each prompt's response, cut after its first
+    stop id (the ids generate pads finished rows with are not the response's)."""
+    from transformers import GenerationConfig
+
+    input_ids, attention_mask, _, _ = _pad_batch(prompts, "left", pad_id)
+    # A config of its own: the checkpoint's generation_config.json may ask for sampling.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops) or None,
+                              pad_token_id=pad_id)
+    out = model.generate(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         generation_config=config)
+    stop = set(stops)
+    answers = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        answers.append(row[:end])
+    return answers
 
 
 def _check_sequences(sequences: Sequence[Sequence[int]], vocab_size: int, max_positions: int | None) -> None:
@@ -212,7 +253,7 @@ REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("deta
 _STORE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def targets_schema(top_k: int) -> pa.Schema:
+def targets_schema(top_k: int, response_tokens: int = 0) -> pa.Schema:
     fields = [
         ("id", pa.string()),
         ("token_ids", pa.list_(pa.int32())),  # the transcript alone, no template
@@ -220,6 +261,9 @@ def targets_schema(top_k: int) -> pa.Schema:
     ]
     if top_k:
         fields += [("topk_ids", pa.list_(pa.int32())), ("topk_logprobs", pa.list_(pa.float32()))]
+    if response_tokens:
+        # The greedy response (<= K ids) and the state predicting each of its tokens: len x H values, row 0 = target.
+        fields += [("response_ids", pa.list_(pa.int32())), ("response_target", pa.binary())]
     return pa.schema(fields)
 
 
@@ -257,6 +301,8 @@ def target_spec(tcfg: Any, tokenizer: Any, template: ChatTemplate) -> dict[str, 
         "dtype": tcfg.dtype,
         "target_dtype": tcfg.target_dtype,
         "top_k": tcfg.top_k,
+        # teacher.response_tokens is not here: the first position's state is the same for any K, and a cache
+        # with more response positions serves a run that asks for fewer (the manifest records K; ingest checks).
         "template": {"prefix_ids": list(template.prefix_ids), "suffix_ids": list(template.suffix_ids),
                      "system_prompt": template.system_prompt, "fingerprint": template.fingerprint()},
     }
@@ -281,7 +327,8 @@ class TargetWorker:
         self.model = load_teacher_model(tcfg, len(self.tokenizer))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
-        self.schema = targets_schema(tcfg.top_k)
+        self.stops = sorted(stop_ids(self.model, self.tokenizer, self.template))
+        self.schema = targets_schema(tcfg.top_k, tcfg.response_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("id").to_pylist()
@@ -303,12 +350,17 @@ class TargetWorker:
             out = compute_targets(self.model, self.template, token_lists,
                                   max_tokens_per_batch=self.tcfg.max_tokens_per_batch,
                                   max_batch_size=self.tcfg.max_batch_size,
-                                  padding_side=self.tcfg.padding_side, top_k=self.tcfg.top_k, pad_id=self.pad_id)
+                                  padding_side=self.tcfg.padding_side, top_k=self.tcfg.top_k, pad_id=self.pad_id,
+                                  response_tokens=self.tcfg.response_tokens, stops=self.stops)
             blobs = encode_targets(out.hidden, self.tcfg.target_dtype)
             for j, i in enumerate(keep):
                 rows[i] = {"id": ids[i], "token_ids": token_lists[j], "target": blobs[j]}
                 if self.tcfg.top_k:
                     rows[i] |= {"topk_ids": out.topk_ids[j].tolist(), "topk_logprobs": out.topk_logprobs[j].tolist()}
+                if self.tcfg.response_tokens:
+                    rows[i] |= {"response_ids": out.responses[j],
+                                "response_target": b"".join(encode_targets(out.response_hidden[j],
+                                                                           self.tcfg.target_dtype))}
         schema = pa.schema(list(self.schema) + [("reason", pa.string()), ("detail", pa.string())])
         return pa.Table.from_pylist(rows, schema=schema)
 
@@ -338,6 +390,8 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
     spec = target_spec(cfg.teacher, tokenizer, template)
     content = {"schema_version": SCHEMA_VERSION, "target": spec, "input_fingerprint": mels["fingerprint"],
                "max_transcript_tokens": tcfg.max_transcript_tokens}
+    if tcfg.response_tokens:  # only then: a K = 0 cache keeps the fingerprint it had before responses existed
+        content["response_tokens"] = tcfg.response_tokens
     plan = {"fingerprint": cache.fingerprint(content), "content": content, "input": mels_url}
     manifest = cache.begin(output_url, plan, (TARGETS_DIR, REJECTS_DIR), overwrite=overwrite)
     if manifest:
@@ -359,7 +413,8 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
             compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors),
             num_gpus=1 if tcfg.device == "cuda" else 0, num_cpus=tcfg.cpus_per_actor)
         ds.write_datasink(cache.split_sink(output_url, plan["run_id"], tcfg.rows_per_file, TARGETS_DIR,
-                                           targets_schema(tcfg.top_k), REJECTS_DIR, REJECTS_SCHEMA))
+                                           targets_schema(tcfg.top_k, tcfg.response_tokens), REJECTS_DIR,
+                                           REJECTS_SCHEMA))
     manifest = _finalize(output_url, plan, spec, tcfg, rows)
     c = manifest["counts"]
     log.info("teacher: %d targets, %d rejects %s in %d files; %.1f s", c["targets"], c["rejects"],
@@ -378,6 +433,7 @@ def _finalize(output_url: str, plan: dict[str, Any], spec: dict[str, Any], tcfg:
         "fingerprint": plan["fingerprint"],
         "target": spec,
         "target_fingerprint": cache.fingerprint(spec),
+        "response_tokens": tcfg.response_tokens,  # states cached per row: up to this many (train.distill_positions)
         "input": {"url": plan["input"], "kind": layout.MELS_KIND, "fingerprint": plan["content"]["input_fingerprint"]},
         "config": dataclasses.asdict(tcfg),
         "versions": cache.versions("ray", "torch", "transformers", "tokenizers", "pyarrow"),

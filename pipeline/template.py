@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
@@ -78,6 +79,23 @@ def transcript_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     literal "<|eot_id|>") are encoded as plain text, so a transcript can never inject a turn
     boundary."""
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+def stop_ids(llm: Any, tokenizer: Any, template: ChatTemplate) -> set[int]:
+    """Ids that end the LLM's answer (its turn): the tokenizer's eos; the template's end-of-turn token (the suffix's
+    first token when it is a special token, e.g. Llama 3's <|eot_id|>, ChatML's <|im_end|>); and the
+    eos ids a pretrained checkpoint declares in its generation_config.json (not the placeholder
+    defaults of a model built in code)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    if template.suffix_ids and (template.suffix_ids[0] in added and added[template.suffix_ids[0]].special):
+        ids.add(int(template.suffix_ids[0]))
+    generation = getattr(llm, "generation_config", None)
+    if generation is not None and not getattr(generation, "_from_model_config", True):
+        eos = generation.eos_token_id
+        ids.update(int(i) for i in ([eos] if isinstance(eos, int) else eos or []))
+    return ids
 
 
 def render_ids(tokenizer: PreTrainedTokenizerBase, text: str, system_prompt: str | None = None) -> list[int]:

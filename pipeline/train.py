@@ -134,12 +134,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
 
     collate = Collate(n_mels=cfg.features.n_mels, n_frames=cfg.features.n_frames, num_queries=cfg.model.num_queries,
-                      target_dtype=config["target_dtype"], keys=tcfg.cache_encoder)
+                      target_dtype=config["target_dtype"], keys=tcfg.cache_encoder,
+                      distill_positions=tcfg.distill_positions)
     batches = micro_batches(ray.train.get_dataset_shard("train"), collate, tcfg.micro_batch_size, state)
     if tcfg.cache_encoder:
         model.encoder_cache = EncoderCache(tcfg.encoder_cache_mb * 2**20)
     loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, w_kl=tcfg.w_kl,
-                       align_reduction=tcfg.align_reduction)
+                       align_reduction=tcfg.align_reduction, position_decay=tcfg.position_decay)
     align_only = dataclasses.replace(loss_fn, w_distill=0.0, w_kl=0.0, w_align=tcfg.w_align or 1.0)
     accum = accumulation(tcfg, world)
     metrics_log = MetricsLog(config["output"]) if rank == 0 else None
@@ -195,7 +196,8 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     expect = target_spec(cfg.teacher, tokenizer, derive_template(tokenizer, cfg.teacher.system_prompt))
     tcfg = cfg.train
     ds, info = training_dataset(mels_url, teacher_url, expect=expect, split=tcfg.split,
-                                shuffle_seed=tcfg.seed if tcfg.shuffle else None, topk=tcfg.w_kl > 0)
+                                shuffle_seed=tcfg.seed if tcfg.shuffle else None, topk=tcfg.w_kl > 0,
+                                positions=tcfg.distill_positions)
     log.info("train: %s", info["counts"])
     made = (info["collate"]["n_mels"], info["collate"]["n_frames"])
     if made != (cfg.features.n_mels, cfg.features.n_frames):

@@ -28,13 +28,12 @@ from pipeline.ask import (
     llm_inputs,
     load_audio,
     prompt_template,
-    stop_ids,
     stream_text,
 )
 from pipeline.config import load_config
 from pipeline.export import export_checkpoint, load_model
 from pipeline.model import build_student
-from pipeline.template import render_ids, transcript_ids
+from pipeline.template import render_ids, stop_ids, transcript_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ROOT / "tests" / "fixtures" / "commonvoice" / "clips"
@@ -166,7 +165,7 @@ def test_greedy_is_deterministic_and_sampling_follows_the_seed(loaded, features)
     greedy = list(generate(model, tokenizer, features, max_new_tokens=8))
     assert greedy == list(generate(model, tokenizer, features, max_new_tokens=8))
     assert len(greedy) == 8  # no stop token among them (checked below): exactly max_new_tokens
-    assert not set(greedy) & stop_ids(model, tokenizer, model.template)
+    assert not set(greedy) & stop_ids(model.llm, tokenizer, model.template)
     hot = [list(generate(model, tokenizer, features, max_new_tokens=8, temperature=5.0, seed=s)) for s in (0, 0, 1)]
     assert hot[0] == hot[1] and hot[0] != hot[2]
 
@@ -174,7 +173,7 @@ def test_greedy_is_deterministic_and_sampling_follows_the_seed(loaded, features)
 def test_generation_stops_at_the_end_of_turn_token(model_dir, features):
     model, tokenizer = load_model(str(model_dir))  # a copy of its own: its head is edited below
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert eot in stop_ids(model, tokenizer, model.template)
+    assert eot in stop_ids(model.llm, tokenizer, model.template)
     first = next(generate(model, tokenizer, features))
     head = model.llm.get_output_embeddings().weight
     with torch.no_grad():

@@ -14,7 +14,7 @@ from helpers import write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.ask import generate, llm_inputs, load_audio, stop_ids
+from pipeline.ask import generate, llm_inputs, load_audio
 from pipeline.builders import tiny_whisper
 from pipeline.config import load_config
 from pipeline.export import (
@@ -26,7 +26,7 @@ from pipeline.export import (
     resolve_checkpoint,
 )
 from pipeline.model import build_student
-from pipeline.template import derive_template
+from pipeline.template import derive_template, stop_ids
 
 CLIP = Path(__file__).parent / "fixtures" / "commonvoice" / "clips" / "common_voice_en_18327603.mp3"
 
@@ -161,7 +161,7 @@ def test_seeded_sampling_equals_full_recomputation(loaded, features):
     model, tokenizer = loaded
     temperature, seed, n = 1.5, 7, 12
     tokens = list(generate(model, tokenizer, features, max_new_tokens=n, temperature=temperature, seed=seed))
-    stops = stop_ids(model, tokenizer, model.template)
+    stops = stop_ids(model.llm, tokenizer, model.template)
     embed = model.llm.get_input_embeddings()
     rng = torch.Generator().manual_seed(seed)
     expected: list[int] = []

@@ -200,3 +200,59 @@ def test_padding_efficiency_on_a_known_example():
     assert fixed_length_efficiency(lengths, 5) == pytest.approx(10 / 20)
     with pytest.raises(ValueError):
         fixed_length_efficiency(lengths, 3)
+
+
+# --- the teacher's response (teacher.response_tokens, beyond the paper) ------------------------------------------
+
+K = 6
+
+
+def greedy_by_hand(model, prompt, max_new_tokens, stops):
+    """The reference response: argmax of each unpadded forward's last logits, fed back, to a stop id."""
+    answer = []
+    while len(answer) < max_new_tokens:
+        _, logits = direct_forward(model, prompt + answer)
+        answer.append(int(logits.argmax()))
+        if answer[-1] in stops:
+            break
+    return answer
+
+
+@pytest.fixture(scope="module")
+def stops(model, template, id_lists):
+    """Stop ids that end some responses early (a random model rarely emits its eos): the second token of
+    row 1's and the first of row 4's full-length greedy response."""
+    free = compute_targets(model, template, id_lists, response_tokens=K).responses
+    assert all(len(r) == K for r in free)
+    return sorted({free[1][1], free[4][0]})
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize(("max_tokens", "max_batch"), [(1, 64), (60, 3), (10_000, 64)])
+def test_response_states_equal_a_teacher_forced_forward(model, template, id_lists, stops, padding_side,
+                                                        max_tokens, max_batch):
+    out = compute_targets(model, template, id_lists, max_tokens_per_batch=max_tokens, max_batch_size=max_batch,
+                          padding_side=padding_side, pad_id=3, response_tokens=K, stops=stops)
+    lengths = [len(r) for r in out.responses]
+    assert min(lengths) < K == max(lengths)  # mixed: some ended at a stop id
+    for row, ids in enumerate(id_lists):
+        prompt = template.wrap(ids)
+        response = greedy_by_hand(model, prompt, K, set(stops))
+        assert out.responses[row] == response, row
+        # The reference states: one unpadded teacher-forced forward of prompt + response.
+        with torch.inference_mode():
+            states = model(input_ids=torch.tensor([prompt + response]), output_hidden_states=True).hidden_states[-1][0]
+        expected = states[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+        assert out.response_hidden[row].shape == (len(response), model.config.hidden_size)
+        np.testing.assert_allclose(out.response_hidden[row], expected.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(out.response_hidden[row][0], out.hidden[row])
+
+
+def test_first_target_does_not_depend_on_the_response(model, template, id_lists, reference, stops):
+    out = compute_targets(model, template, id_lists, response_tokens=K, stops=stops, top_k=4)
+    for row, (h, logprobs) in enumerate(reference):
+        np.testing.assert_allclose(out.hidden[row], h.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(out.topk_ids[row], torch.topk(logprobs, 4).indices.numpy())
+    assert compute_targets(model, template, id_lists).responses is None
+    with pytest.raises(ValueError, match="response_tokens"):
+        compute_targets(model, template, id_lists, response_tokens=-1)
