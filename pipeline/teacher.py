@@ -144,30 +144,13 @@ def compute_targets(
     responses: list[list[int]] = [[] for _ in range(n)]
     response_hidden: list[np.ndarray] = [hidden[:0] for _ in range(n)]
 
-    device = model.device
-    # LlamaForCausalLM is `lm_head(model(...).last_hidden_state)`. In transformers 5.23
-    # (models/llama/modeling_llama.py) LlamaModel.forward returns last_hidden_state =
-    # self.norm(hidden_states): it is POST final norm. `output_hidden_states=True` gives the same
-    # tensor as hidden_states[-1], because `capture_outputs(tie_last_hidden_states=True)`
-    # (utils/output_capturing.py) overwrites the last recorded layer output with last_hidden_state.
-    # We read last_hidden_state from the base model directly: the same values without computing
-    # logits over the whole vocabulary at every position. Tests check it against both
-    # hidden_states[-1] and a forward hook on model.model.norm.
-    base = model.base_model
     head = model.get_output_embeddings()
     with torch.inference_mode():
         for batch in length_buckets(lengths, max_tokens_per_batch, max_batch_size):
             prompts = [sequences[i] for i in batch]
             answers = _greedy(model, prompts, response_tokens, stops, pad_id) if response_tokens else [[]] * len(batch)
-            # Teacher forcing: the last response token predicts nothing we keep, so it is not read.
-            input_ids, attention_mask, position_ids, _ = _pad_batch(
-                [p + a[:-1] for p, a in zip(prompts, answers, strict=True)], padding_side, pad_id)
-            out = base(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=position_ids.to(device), use_cache=False)
-            start = (input_ids.shape[1] - attention_mask.sum(1) if padding_side == "left"
-                     else torch.zeros(len(batch), dtype=torch.long))
-            last = start + torch.tensor([len(p) - 1 for p in prompts])  # predicts response token 1
-            h = out.last_hidden_state[torch.arange(len(batch), device=device), last.to(device)]
+            states, last = _final_states(model, prompts, answers, padding_side, pad_id)
+            h = states[torch.arange(len(batch), device=states.device), last.to(states.device)]
             index = np.asarray(batch)
             hidden[index] = h.float().cpu().numpy()
             if top_k:
@@ -179,10 +162,33 @@ def compute_targets(
                 if answer:
                     first = int(last[row])
                     responses[i] = answer
-                    response_hidden[i] = out.last_hidden_state[row, first:first + len(answer)].float().cpu().numpy()
+                    response_hidden[i] = states[row, first:first + len(answer)].float().cpu().numpy()
     if not response_tokens:
         return TeacherTargets(hidden=hidden, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
     return TeacherTargets(hidden, topk_ids, topk_logprobs, responses, response_hidden)
+
+
+def _final_states(model: PreTrainedModel, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                  padding_side: PaddingSide, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padded forward of each prompt + its answer but the answer's last token (teacher forcing: that one
+    predicts nothing kept): the final-norm states [b, T, H], and where each prompt's last token sits in them.
+
+    LlamaForCausalLM is `lm_head(model(...).last_hidden_state)`. In transformers 5.23
+    (models/llama/modeling_llama.py) LlamaModel.forward returns last_hidden_state = self.norm(hidden_states):
+    it is POST final norm. `output_hidden_states=True` gives the same tensor as hidden_states[-1], because
+    `capture_outputs(tie_last_hidden_states=True)` (utils/output_capturing.py) overwrites the last recorded
+    layer output with last_hidden_state. We read last_hidden_state from the base model directly: the same
+    values without logits over the whole vocabulary at every position. Tests check it against both
+    hidden_states[-1] and a forward hook on model.model.norm.
+    """
+    device = model.device
+    input_ids, attention_mask, position_ids, _ = _pad_batch(
+        [[*p, *a[:-1]] for p, a in zip(prompts, answers, strict=True)], padding_side, pad_id)
+    out = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           position_ids=position_ids.to(device), use_cache=False)
+    start = (input_ids.shape[1] - attention_mask.sum(1) if padding_side == "left"
+             else torch.zeros(len(prompts), dtype=torch.long))
+    return out.last_hidden_state, start + torch.tensor([len(p) - 1 for p in prompts])  # predicts response token 1
 
 
 def _greedy(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stops: Sequence[int],
