@@ -53,6 +53,20 @@ def clip_id(path: str) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
+def unsafe_path(path: str) -> str | None:
+    """Why a TSV's clip path could reach outside the clips directory, or None: an absolute path, a `..`
+    component, a URL, a backslash (a Windows separator) or a NUL byte. The row is rejected, never read."""
+    if "\x00" in path:
+        return "path holds a NUL byte"
+    if posixpath.isabs(path) or "\\" in path:
+        return f"path {path!r} is absolute or holds a backslash: clip paths are relative to clips/"
+    if "://" in path:
+        return f"path {path!r} is a URL: clip paths are relative to clips/"
+    if ".." in path.split("/"):
+        return f"path {path!r} escapes the clips directory"
+    return None
+
+
 def normalise_sentence(text: str) -> str:
     """Collapse whitespace runs; case and punctuation are kept (the LLM reads them)."""
     return " ".join(text.split())
@@ -97,6 +111,9 @@ def parse_tsv(data: bytes, name: str, split: str) -> tuple[list[dict[str, Any]],
             continue
         if not path:
             rejects.append(reject(id_, split, path, source, BAD_ROW, "empty path"))
+            continue
+        if unsafe := unsafe_path(path):
+            rejects.append(reject(id_, split, path, source, BAD_ROW, unsafe))
             continue
         sentence = normalise_sentence(row["sentence"])
         if not sentence:

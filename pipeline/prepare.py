@@ -106,8 +106,13 @@ def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConf
     fs, root = cache.filesystem(clips_url)
     local = cache.is_local(fs)
     out: list[dict[str, Any]] = []
+    inside = os.path.realpath(root) + os.sep if local else None
     for row in rows:
         path = cache.join(root, row["path"])
+        if inside and not os.path.realpath(path).startswith(inside):  # a symlink (or a parent) leading out
+            out.append({n: row.get(n) for n in WORK_SCHEMA.names}
+                       | {"reason": cv.BAD_ROW, "detail": f"{row['path']} resolves outside {clips_url}: not read"})
+            continue
         try:
             # Local clips are decoded from their path: libsndfile reads it directly, far cheaper
             # than feeding it bytes through Python callbacks. Remote ones arrive in one request.

@@ -67,3 +67,45 @@ def test_bundled_release_parses_cleanly(corpus):
     assert all((corpus / "clips" / r["path"]).exists() for r in sel.rows)
     assert {r["split"] for r in sel.rows} == {"train", "dev", "test", "validated"}
     assert sel.filtered.get("already_in_train", 0) > 0
+
+
+def test_paths_that_escape_the_clips_directory_are_bad_rows():
+    hostile = ["../secret.mp3", "clips/../../x.mp3", "/etc/passwd", "gs://other-bucket/x.mp3", "a\\..\\b.mp3",
+               "nul\x00.mp3"]
+    rows, rejects = cv.parse_tsv(tsv(line("fine/sub.mp3", "Kept."), *(line(p, "Hostile.") for p in hostile)),
+                                 "train.tsv", "train")
+    assert [r["path"] for r in rows] == ["fine/sub.mp3"]
+    assert sorted(r["path"] for r in rejects) == sorted(hostile)
+    why = ("escapes the clips directory", "absolute or holds a backslash", "is a URL", "NUL byte")
+    assert all(r["reason"] == cv.BAD_ROW and any(w in r["detail"] for w in why) for r in rejects), rejects
+
+
+def test_a_symlink_leading_out_of_the_clips_directory_is_never_read(tmp_path):
+    """The TSV path is clean but the file is a link to one outside clips/: rejected as bad_row by
+    featurize_rows (the prepare task's core), its neighbour featurized as usual."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.prepare import featurize_rows
+
+    source = Path(__file__).parent / "fixtures" / "commonvoice" / "clips"
+    first, second = sorted(source.glob("*.mp3"))[:2]
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(first, clips / "inside.mp3")
+    outside = tmp_path / "elsewhere.mp3"
+    shutil.copy(second, outside)
+    (clips / "link.mp3").symlink_to(outside)
+    rows, _ = cv.parse_tsv(tsv(line("inside.mp3", "In."), line("link.mp3", "Out.")), "train.tsv", "train")
+    cfg = load_config("tiny")
+    threads = torch.get_num_threads()
+    try:  # featurize_rows pins torch to one thread, as in a Ray task
+        table = featurize_rows(rows, str(clips), cfg.features, cfg.prepare).to_pylist()
+    finally:
+        torch.set_num_threads(threads)
+    by_id = {r["id"]: r for r in table}
+    assert by_id["inside"]["reason"] is None
+    assert by_id["link"]["reason"] == cv.BAD_ROW and "resolves outside" in by_id["link"]["detail"]
