@@ -1,6 +1,9 @@
 """Stage 2: `python -m jobs.cache_teacher --mels <prepare output> --output <dir or gs://...> [--model ...]`.
 
 --model, --device and --dtype are the config keys teacher.model, teacher.device and teacher.dtype.
+teacher.device defaults to cuda (the paper's GPU teacher, one GPU per actor): on a machine without a GPU
+pass --device cpu (the small, demo and tiny presets already do); a request the cluster cannot meet fails
+at once, naming what it asked for.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def run() -> int:
         read_manifests(args.tasks, skip_bad_rows=cfg.eval.skip_bad_rows)
     _common.init_ray()
     summary = run_evaluate(args.model, args.output, cfg.eval, mels_url=args.mels, teacher_url=args.teacher,
-                           manifests=args.tasks, baseline=args.baseline)
+                           manifests=args.tasks, baseline=args.baseline, cluster=cfg.cluster)
     brief = {"output": args.output}
     if "distillation" in summary:
         d = summary["distillation"]

@@ -82,7 +82,8 @@ def stages(cfg: Any, out: Path, seconds: dict[str, float]) -> dict[str, Any]:
     timed("export", export_checkpoint, paths["train"], paths["model"], overwrite=True)
     tasks = [str(t if Path(t).exists() else ROOT / t) for t in cfg.eval.tasks]
     got["evaluation"] = timed("evaluate", run_evaluate, paths["model"], paths["eval"], cfg.eval,
-                              mels_url=paths["mels"], teacher_url=paths["teacher"], manifests=tasks, baseline=baseline)
+                              mels_url=paths["mels"], teacher_url=paths["teacher"], manifests=tasks, baseline=baseline,
+                              cluster=cfg.cluster)
     got["question"] = question_clip(paths["mels"], cfg.eval.split)
     got["reply"] = timed("ask", ask_one, paths["model"], got["question"][0])
     return got

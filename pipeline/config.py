@@ -255,6 +255,15 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """What the stages do when they ask the Ray cluster for resources (pipeline/resources.py)."""
+
+    # A request no set of the current nodes can hold fails at once; on an autoscaling cluster (`ray up`, or
+    # DIVA_AUTOSCALING=1) it waits this long for nodes to appear first.
+    autoscaler_timeout_s: float = 900.0
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -263,6 +272,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if self.train.w_kl > 0 and self.teacher.top_k <= 0:

@@ -35,7 +35,7 @@ import torch
 
 from pipeline import PipelineError, cache
 from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template
-from pipeline.config import Config, EvalConfig, from_dict
+from pipeline.config import ClusterConfig, Config, EvalConfig, from_dict
 from pipeline.export import audio_settings, load_model, local_model_dir, read_config
 from pipeline.ingest import collate, training_dataset
 from pipeline.losses import kl_divergence
@@ -489,6 +489,17 @@ def _actor_options(ecfg: EvalConfig) -> dict[str, Any]:
             "num_gpus": 1 if ecfg.device == "cuda" else 0, "num_cpus": cpus}
 
 
+def require_actors(ecfg: EvalConfig, cluster: ClusterConfig) -> None:
+    """The evaluation actors' resources exist on the cluster (pipeline.resources): say so now, not never."""
+    from pipeline.resources import require
+
+    options = _actor_options(ecfg)
+    require({"CPU": options["num_cpus"], "GPU": float(options["num_gpus"])}, ecfg.num_actors,
+            what=f"evaluation ({ecfg.num_actors} actor(s) on eval.device={ecfg.device})",
+            change="eval.device (evaluate --device cpu runs on CPUs) or eval.num_actors",
+            timeout_s=cluster.autoscaler_timeout_s)
+
+
 def use_cpus(ecfg: EvalConfig) -> None:
     """An evaluation actor on the CPU computes with the cores Ray reserved for it (Ray sets one thread below 2)."""
     if ecfg.device == "cpu":
@@ -545,7 +556,7 @@ def evaluate_tasks(model_dir: str, tasks: Sequence[tuple[str, Sequence[TaskExamp
 
 def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url: str | None = None,
                  teacher_url: str | None = None, manifests: Sequence[str] = (),
-                 baseline: str | None = None) -> dict[str, Any]:
+                 baseline: str | None = None, cluster: ClusterConfig | None = None) -> dict[str, Any]:
     """Evaluate and write everything under `output_url` (see the module docstring); returns the summary.
     With `ecfg.answers`, the split's clips are also answered and scored (pipeline.qa), by this model and by
     `baseline` (another model directory, e.g. the untrained export) beside the cascade. Manifests are
@@ -557,6 +568,7 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     t0 = time.time()
     config = read_config(local_model_dir(model_dir))
     tasks, bad = read_manifests(manifests, skip_bad_rows=ecfg.skip_bad_rows) if manifests else ([], {})
+    require_actors(ecfg, cluster or ClusterConfig())
     fs, root = cache.filesystem(output_url)
     summary: dict[str, Any] = {"model": model_dir, "model_source": config.get("source", {}).get("checkpoint"),
                                "step": config.get("source", {}).get("step"), "config": dataclasses.asdict(ecfg),

@@ -386,6 +386,7 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
 
     from pipeline.builders import check_features
 
+    require_actors(cfg)  # first: a request the cluster can never meet fails in seconds, before any other work
     check_features(cfg)  # the run this cache is for must be able to read its mels
     t0 = time.time()
     # Workers get absolute local paths; the spec keeps the names as the user gave them.
@@ -426,6 +427,17 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
     log.info("teacher: %d targets, %d rejects %s in %d files; %.1f s", c["targets"], c["rejects"],
              c["rejects_by_reason"], len(manifest["files"]["targets"]), time.time() - t0)
     return manifest
+
+
+def require_actors(cfg: Any) -> None:
+    """The actor pool's resources exist on the cluster (pipeline.resources): say so now, not never."""
+    from pipeline.resources import require
+
+    t = cfg.teacher
+    require({"CPU": t.cpus_per_actor, "GPU": 1.0 if t.device == "cuda" else 0.0}, t.num_actors,
+            what=f"the teacher stage ({t.num_actors} actor(s) on teacher.device={t.device})",
+            change="teacher.device (cache_teacher --device cpu runs on CPUs), teacher.num_actors or "
+                   "teacher.cpus_per_actor", timeout_s=cfg.cluster.autoscaler_timeout_s)
 
 
 def _finalize(output_url: str, plan: dict[str, Any], spec: dict[str, Any], tcfg: Any,

@@ -180,6 +180,17 @@ def step_metrics(result: Any, micro_batches: int, lr: float, tcfg: Any) -> dict[
     return {k: v for k, v in metrics.items() if not math.isnan(v)}  # no distill while training alignment alone
 
 
+def require_workers(cfg: Config, scaling: Any) -> None:
+    """The worker group's resources exist on the cluster (pipeline.resources): say so now, not never."""
+    from pipeline.resources import require
+
+    t = cfg.train
+    per_worker = dict(scaling.resources_per_worker or {"CPU": 1.0})
+    require(per_worker, t.num_workers, what=f"training ({t.num_workers} worker(s) on train.device={t.device})",
+            change="train.num_workers, train.cpus_per_worker or train.device",
+            timeout_s=cfg.cluster.autoscaler_timeout_s)
+
+
 def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) -> Any:
     """Fit (or resume: Ray Train restores <output>/train's latest checkpoint) and return the Result."""
     import pyarrow.fs as pafs
@@ -191,6 +202,8 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     from pipeline.teacher import target_spec
     from pipeline.template import derive_template
 
+    trainer_cls, scaling = trainer_and_scaling(cfg.train)
+    require_workers(cfg, scaling)  # first: a request the cluster can never meet fails in seconds
     check_features(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
     expect = target_spec(cfg.teacher, tokenizer, derive_template(tokenizer, cfg.teacher.system_prompt))
@@ -214,7 +227,6 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
     fs.makedirs(root, exist_ok=True)
     if cache.is_local(fs):  # the workers' working directory is not the driver's
         output_url = root = os.path.abspath(root)
-    trainer_cls, scaling = trainer_and_scaling(tcfg)
     trainer = trainer_cls(
         train_loop_per_worker,
         # The run's config as given (what checkpoints record), and with local model directories made
