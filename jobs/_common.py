@@ -94,11 +94,29 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
+def expected_error(exc: BaseException) -> PipelineError | None:
+    """The PipelineError behind `exc`: itself, or one raised inside a Ray task or actor (a corrupt file met by a
+    Ray Data read), which reaches the driver wrapped in Ray's errors; None for anything else."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PipelineError) and type(exc).__module__.startswith("pipeline"):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def main(body: Callable[[], int | None]) -> None:
     """Run a job body: expected errors print one clear line and exit 1; nothing else is hidden."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         sys.exit(body() or 0)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        expected = expected_error(e)
+        if expected is None:
+            raise
+        message = str(expected)
+        if expected is not e:  # from a Ray task: Ray re-raises it with its retry notes on lines of their own
+            message = (message.splitlines() or [type(expected).__name__])[0]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)

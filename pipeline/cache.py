@@ -90,14 +90,27 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict[str, Any]) ->
 
 
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, **kwargs: Any) -> None:
-    """One Parquet file, published whole (see `write_json`)."""
+    """One Parquet file, published whole (see `write_json`), with a CRC per page: `read_parquet` then names a
+    file whose bytes changed after it was written (a bad disk, an interrupted copy) instead of decoding them."""
     kwargs.setdefault("compression", "zstd")
+    kwargs.setdefault("write_page_checksum", True)
     if is_local(fs):
         tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}"
         pq.write_table(table, tmp, filesystem=fs, **kwargs)
         fs.mv(tmp, path)
     else:
         pq.write_table(table, path, filesystem=fs, **kwargs)
+
+
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, **kwargs: Any) -> pa.Table:
+    """pq.read_table with the pages' CRCs verified, and any failure as one DatasetError naming the file."""
+    try:
+        return pq.read_table(path, filesystem=fs, page_checksum_verification=True, **kwargs)
+    except (OSError, pa.ArrowException) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise DatasetError(f"{path}: not a readable Parquet file ({first}): it is truncated or corrupt; delete it "
+                           "and the dataset's manifest.json, then re-run the stage that wrote it: the run redoes "
+                           "only the rows that are missing") from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -145,25 +158,55 @@ def read_column(fs: fsspec.AbstractFileSystem, files: list[str], column: str) ->
     """One column of many Parquet files, in file order (cheap: Parquet reads only that column)."""
     values: list[Any] = []
     for path in files:
-        values.extend(pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist())
+        values.extend(read_parquet(fs, path, columns=[column]).column(column).to_pylist())
     return values
 
 
 def check_manifest(url: str, *, kind: str, fingerprint_: str | None = None) -> dict[str, Any]:
     """Open a finished dataset's manifest, refusing an unfinished one or one of another kind."""
     fs, root = filesystem(url)
-    manifest = read_json(fs, join(root, MANIFEST))
+    try:
+        manifest = read_json(fs, join(root, MANIFEST))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{join(root, MANIFEST)}: not valid JSON ({exc}): damaged or edited by hand; re-run "
+                           "the stage that wrote it (it confirms or redoes what is there)") from None
     if manifest is None:
         hint = " (a run into it has not finished: re-run it to resume)" if fs.exists(join(root, PLAN)) else ""
         raise DatasetError(f"{url}: no {MANIFEST}; not a finished dataset{hint}")
     if manifest.get("kind") != kind:
         raise DatasetError(f"{url}: a {manifest.get('kind')!r} dataset, expected {kind!r}")
+    _check_integrity(url, fs, root, manifest)
     if fingerprint_ is not None and manifest.get("fingerprint") != fingerprint_:
         raise DatasetError(
             f"{url}: fingerprint {manifest.get('fingerprint', '')[:12]} differs from the expected "
             f"{fingerprint_[:12]}"
         )
     return manifest
+
+
+def _check_integrity(url: str, fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
+    """The manifest is the one the stage wrote (its checksum), and each listed file that is there has the size
+    it had then (a truncated copy is caught here, by name, before a reader decodes it). Files that are gone are
+    the readers' to report (training can skip them). Manifests from before checksums pass."""
+    recorded = manifest.get("checksum")
+    if recorded is not None and recorded != manifest_checksum(manifest):
+        raise DatasetError(f"{join(root, MANIFEST)}: its checksum does not match its content: edited by hand or "
+                           "damaged; re-run the stage that wrote it (it confirms or redoes what is there)")
+    for sub, sizes in manifest.get("sizes", {}).items():
+        directory = join(root, sub)
+        fs.invalidate_cache(directory)
+        found = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(directory, detail=True)} \
+            if fs.exists(directory) else {}
+        for name, size in sizes.items():
+            if name in found and found[name] != size:
+                raise DatasetError(f"{url}/{sub}/{name}: {found[name]} bytes, but it was written with {size}: "
+                                   "truncated or replaced; delete it and the dataset's manifest.json, then re-run "
+                                   "the stage that wrote it: the run redoes only the rows that are missing")
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -343,5 +386,14 @@ def write_manifest(output_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Publish a finished dataset's manifest (last: its presence means the dataset is complete)."""
     fs, root = filesystem(output_url)
     manifest = {**manifest, "created_unix": int(time.time())}
+    sizes = {}
+    for sub, names in manifest.get("files", {}).items():
+        directory = join(root, sub)
+        fs.invalidate_cache(directory)
+        listed = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(directory, detail=True)} \
+            if fs.exists(directory) else {}
+        sizes[sub] = {name: listed[name] for name in names if name in listed}
+    manifest["sizes"] = sizes  # what `check_manifest` compares a reader's listing with
+    manifest["checksum"] = manifest_checksum(manifest)
     write_json(fs, join(root, MANIFEST), manifest)
     return manifest

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import cache
@@ -339,7 +338,7 @@ def _read_columns(url: str, paths: list[str], columns: list[str]) -> pa.Table:
     if not paths:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        tables = list(pool.map(lambda p: pq.read_table(p, columns=columns, filesystem=fs), paths))
+        tables = list(pool.map(lambda p: cache.read_parquet(fs, p, columns=columns), paths))
     return pa.concat_tables(tables)
 
 
@@ -386,7 +385,7 @@ def _read_parquet(url: str, paths: list[str], columns: list[str],
 
     def read(batch: pa.Table) -> Iterator[pa.Table]:
         for path in batch.column("path").to_pylist():
-            yield pq.read_table(path, columns=columns, filters=filters, filesystem=fs)
+            yield cache.read_parquet(fs, path, columns=columns, filters=filters)
 
     return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths))).map_batches(
         read, batch_size=1, batch_format="pyarrow")

@@ -24,7 +24,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel
 
@@ -375,7 +374,7 @@ def _mels_rows(mels_url: str, manifest: dict[str, Any]) -> pa.Table:
     """Only `id` and `sentence` of the prepare output (Parquet reads just those columns)."""
     fs, root = cache.filesystem(mels_url)
     files = [cache.join(root, "mels", name) for name in manifest["files"]["mels"]]
-    tables = [pq.read_table(f, columns=["id", "sentence"], filesystem=fs) for f in files]
+    tables = [cache.read_parquet(fs, f, columns=["id", "sentence"]) for f in files]
     return pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string()),
                                                                  "sentence": pa.array([], pa.string())})
 

@@ -198,9 +198,11 @@ def test_missing_files_are_refused_or_counted(prepared_mels, teacher_cache, sour
 
 
 def edit_manifest(directory: Path, edit) -> None:
+    """Make the manifest another run's (checksum included: a hand edit alone is refused as such)."""
     path = directory / cache.MANIFEST
     manifest = json.loads(path.read_text())
     edit(manifest)
+    manifest["checksum"] = cache.manifest_checksum(manifest)
     path.write_text(json.dumps(manifest))
 
 

@@ -48,7 +48,7 @@ def test_more_training_workers_than_cpus_fail_at_once(ray_local, prepared_mels, 
     from pipeline.train import run_training
 
     cfg = load_config("tiny", ["train.num_workers=3", "train.cpus_per_worker=1"])
-    with pytest.raises(ResourceUnavailable, match=r"3 x \[CPU 1\].*holds 2 at once.*train.num_workers"):
+    with pytest.raises(ResourceUnavailable, match=r"3 x \[CPU 1\].*hold 2 at once.*train.num_workers"):
         run_training(cfg, str(prepared_mels), str(teacher_cache), str(tmp_path / "run"))
 
 
