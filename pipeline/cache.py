@@ -102,15 +102,27 @@ def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, **k
         pq.write_table(table, path, filesystem=fs, **kwargs)
 
 
+# What to do about a damaged dataset file (stages resume by id, so only its rows are redone).
+REDO = ("delete it and the dataset's manifest.json, then re-run the stage that wrote it: the run redoes only the "
+        "rows that are missing")
+
+
+def file_sizes(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:
+    """Name -> bytes of the files in `directory` (one fresh listing; empty when it does not exist)."""
+    fs.invalidate_cache(directory)
+    if not fs.exists(directory):
+        return {}
+    return {posixpath.basename(e["name"]): e["size"] for e in fs.ls(directory, detail=True)}
+
+
 def read_parquet(fs: fsspec.AbstractFileSystem, path: str, **kwargs: Any) -> pa.Table:
     """pq.read_table with the pages' CRCs verified, and any failure as one DatasetError naming the file."""
     try:
         return pq.read_table(path, filesystem=fs, page_checksum_verification=True, **kwargs)
     except (OSError, pa.ArrowException) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        raise DatasetError(f"{path}: not a readable Parquet file ({first}): it is truncated or corrupt; delete it "
-                           "and the dataset's manifest.json, then re-run the stage that wrote it: the run redoes "
-                           "only the rows that are missing") from None
+        raise DatasetError(f"{path}: not a readable Parquet file ({first}): it is truncated or corrupt; {REDO}") \
+            from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -193,15 +205,11 @@ def _check_integrity(url: str, fs: fsspec.AbstractFileSystem, root: str, manifes
         raise DatasetError(f"{join(root, MANIFEST)}: its checksum does not match its content: edited by hand or "
                            "damaged; re-run the stage that wrote it (it confirms or redoes what is there)")
     for sub, sizes in manifest.get("sizes", {}).items():
-        directory = join(root, sub)
-        fs.invalidate_cache(directory)
-        found = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(directory, detail=True)} \
-            if fs.exists(directory) else {}
+        found = file_sizes(fs, join(root, sub))
         for name, size in sizes.items():
             if name in found and found[name] != size:
                 raise DatasetError(f"{url}/{sub}/{name}: {found[name]} bytes, but it was written with {size}: "
-                                   "truncated or replaced; delete it and the dataset's manifest.json, then re-run "
-                                   "the stage that wrote it: the run redoes only the rows that are missing")
+                                   f"truncated or replaced; {REDO}")
 
 
 def manifest_checksum(manifest: dict[str, Any]) -> str:
@@ -388,10 +396,7 @@ def write_manifest(output_url: str, manifest: dict[str, Any]) -> dict[str, Any]:
     manifest = {**manifest, "created_unix": int(time.time())}
     sizes = {}
     for sub, names in manifest.get("files", {}).items():
-        directory = join(root, sub)
-        fs.invalidate_cache(directory)
-        listed = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(directory, detail=True)} \
-            if fs.exists(directory) else {}
+        listed = file_sizes(fs, join(root, sub))
         sizes[sub] = {name: listed[name] for name in names if name in listed}
     manifest["sizes"] = sizes  # what `check_manifest` compares a reader's listing with
     manifest["checksum"] = manifest_checksum(manifest)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -319,9 +318,7 @@ def _listed_files(url: str, sub: str, names: list[str]) -> tuple[list[str], int,
     """(paths of the listed files that exist, their total bytes, listed names that do not) - one listing."""
     fs, root = cache.filesystem(url)
     directory = cache.join(root, sub)
-    fs.invalidate_cache(directory)
-    sizes = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(directory, detail=True)} \
-        if fs.exists(directory) else {}
+    sizes = cache.file_sizes(fs, directory)
     present = [n for n in names if n in sizes]
     return ([cache.join(directory, n) for n in present], sum(sizes[n] for n in present),
             [n for n in names if n not in sizes])

@@ -162,9 +162,9 @@ def compute_targets(
                     first = int(last[row])
                     responses[i] = answer
                     response_hidden[i] = states[row, first:first + len(answer)].float().cpu().numpy()
-    if not response_tokens:
-        return TeacherTargets(hidden=hidden, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
-    return TeacherTargets(hidden, topk_ids, topk_logprobs, responses, response_hidden)
+    kept = response_tokens > 0
+    return TeacherTargets(hidden, topk_ids, topk_logprobs, responses if kept else None,
+                          response_hidden if kept else None)
 
 
 def _final_states(model: PreTrainedModel, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
@@ -416,8 +416,7 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
         ds = ray.data.from_arrow(blocks).map_batches(
             TargetWorker, fn_constructor_kwargs={"tcfg": tcfg, "template_fingerprint": template.fingerprint()},
             batch_size=tcfg.rows_per_call, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors),
-            num_gpus=1 if tcfg.device == "cuda" else 0, num_cpus=tcfg.cpus_per_actor)
+            compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors), **actor_resources(tcfg))
         ds.write_datasink(cache.split_sink(output_url, plan["run_id"], tcfg.rows_per_file, TARGETS_DIR,
                                            targets_schema(tcfg.top_k, tcfg.response_tokens), REJECTS_DIR,
                                            REJECTS_SCHEMA))
@@ -428,12 +427,18 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
     return manifest
 
 
+def actor_resources(tcfg: Any) -> dict[str, float]:
+    """What one teacher actor reserves: teacher.cpus_per_actor, and one GPU on teacher.device=cuda."""
+    return {"num_cpus": tcfg.cpus_per_actor, "num_gpus": 1.0 if tcfg.device == "cuda" else 0.0}
+
+
 def require_actors(cfg: Any) -> None:
     """The actor pool's resources exist on the cluster (pipeline.resources): say so now, not never."""
     from pipeline.resources import require
 
     t = cfg.teacher
-    require({"CPU": t.cpus_per_actor, "GPU": 1.0 if t.device == "cuda" else 0.0}, t.num_actors,
+    r = actor_resources(t)
+    require({"CPU": r["num_cpus"], "GPU": r["num_gpus"]}, t.num_actors,
             what=f"the teacher stage ({t.num_actors} actor(s) on teacher.device={t.device})",
             change="teacher.device (cache_teacher --device cpu runs on CPUs), teacher.num_actors or "
                    "teacher.cpus_per_actor", timeout_s=cfg.cluster.autoscaler_timeout_s)
