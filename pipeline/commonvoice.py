@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ class Selection:
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     filtered: dict[str, int] = field(default_factory=dict)
-    tsv_sha256: dict[str, str] = field(default_factory=dict)
+    # Each index file read (TSV, manifest, Parquet) -> sha256 of it: what the plan's fingerprint covers.
+    index_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def reject(id_: str, split: str, path: str, source: str, reason: str, detail: str) -> dict[str, Any]:
@@ -143,33 +145,41 @@ def _int_or_none(value: str | None) -> int | None:
 
 def select(tsvs: dict[str, bytes], *, min_up_votes: int = 0, max_down_votes: int | None = None,
            limit: int | None = None) -> Selection:
-    """Combine split TSVs (in the given order) into one id-unique selection.
+    """Parse split TSVs (in the given order) and `combine` them into one id-unique selection."""
+    parts = [(split, f"{split}.tsv", *parse_tsv(data, f"{split}.tsv", split)) for split, data in tsvs.items()]
+    sel = combine(parts, min_up_votes=min_up_votes, max_down_votes=max_down_votes, limit=limit)
+    sel.index_sha256 = {f"{split}.tsv": hashlib.sha256(data).hexdigest() for split, data in tsvs.items()}
+    return sel
 
-    A clip listed in two splits (validated.tsv holds train's rows) is kept once, under the first
-    split named; the same id twice in one TSV is a data error and is rejected. Vote filters are a
-    choice, not a fault: they are counted, not rejected.
+
+def combine(parts: Iterable[tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]], *, min_up_votes: int = 0,
+            max_down_votes: int | None = None, limit: int | None = None) -> Selection:
+    """Parsed index files, each (split, file name, rows, rejects), in order -> one id-unique selection.
+
+    Every layout ends here, so dedupe, filters and limits mean the same whatever was read. A clip listed in
+    two splits (validated.tsv holds train's rows) is kept once, under the first split named; the same id
+    twice in one split is a data error and is rejected. Vote filters are a choice, not a fault: they are
+    counted, not rejected.
     """
     sel = Selection()
-    seen: dict[str, str] = {}
-    for split, data in tsvs.items():
-        name = f"{split}.tsv"
-        sel.tsv_sha256[name] = hashlib.sha256(data).hexdigest()
-        rows, rejects = parse_tsv(data, name, split)
+    seen: dict[str, tuple[str, str]] = {}
+    for split, name, rows, rejects in parts:
         sel.rejects.extend(rejects)
         for row in rows:
-            first = seen.get(row["id"])
+            first, where = seen.get(row["id"], (None, None))
             if first == split:
+                place = name if where == name else f"split {split!r} ({where} and {name})"
                 sel.rejects.append(reject(row["id"], split, row["path"], row["source"], DUPLICATE,
-                                          f"id {row['id']} appears more than once in {name}"))
+                                          f"id {row['id']} appears more than once in {place}"))
                 continue
             if first is not None:
                 _count(sel.filtered, f"already_in_{first}")
                 continue
-            seen[row["id"]] = split
-            if min_up_votes and (row["up_votes"] or 0) < min_up_votes:
+            seen[row["id"]] = (split, name)
+            if min_up_votes and (row.get("up_votes") or 0) < min_up_votes:
                 _count(sel.filtered, "up_votes")
                 continue
-            if max_down_votes is not None and (row["down_votes"] or 0) > max_down_votes:
+            if max_down_votes is not None and (row.get("down_votes") or 0) > max_down_votes:
                 _count(sel.filtered, "down_votes")
                 continue
             if limit is not None and len(sel.rows) >= limit:

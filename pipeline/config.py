@@ -31,6 +31,7 @@ Device = Literal["cpu", "cuda", "xla"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 StoreDtype = Literal["bfloat16", "float16"]
 TrainablePart = Literal["queries", "qformer", "projection"]
+Layout = Literal["auto", "commonvoice", "hf_parquet", "jsonl"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,18 @@ class FeatureConfig:
 
 @dataclass
 class PrepareConfig:
-    """Stage 1: which CommonVoice rows become training clips, and how the output is laid out."""
+    """Stage 1: which rows of a dataset become training clips, and how the output is laid out."""
 
+    # What the input is (pipeline/layouts.py): a CommonVoice release (<split>.tsv + clips/), Hugging Face
+    # Parquet (an audio column of {bytes, path}), or JSONL manifests (NeMo's audio_filepath/text); auto: by
+    # what the input holds.
+    layout: Layout = "auto"
+    # Column (Parquet) or key (JSONL) names; None: the layout's usual ones (audio / audio_filepath; the first
+    # of sentence, text, transcription... / text). Without an id column, ids derive from the audio's path
+    # (JSONL) or file and row (Parquet).
+    audio_column: str | None = None
+    text_column: str | None = None
+    id_column: str | None = None
     splits: list[str] = field(default_factory=lambda: ["train", "dev", "test"])
     min_up_votes: int = 0
     max_down_votes: int | None = None

@@ -1,4 +1,7 @@
-"""Stage 1, prepare: a CommonVoice release -> Parquet shards of trimmed Whisper log-Mels + rejects.
+"""Stage 1, prepare: a speech dataset -> Parquet shards of trimmed Whisper log-Mels + rejects.
+
+The input is a CommonVoice release, Hugging Face Parquet or JSONL manifests (pipeline/layouts.py reads
+each into the same selection of rows); everything below is the same for all of them.
 
 Output layout (any fsspec URL):
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from collections import Counter
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import PipelineError, cache, features, layout
+from pipeline import cache, features, layout, layouts
 from pipeline import commonvoice as cv
 from pipeline.config import Config, FeatureConfig, PrepareConfig
 
@@ -49,17 +53,15 @@ MELS_SCHEMA = pa.schema([
     ("mel_pad_value", pa.float32()),
 ])
 REJECTS_SCHEMA = pa.schema([(c, pa.string()) for c in ("id", "split", "path", "source", "reason", "detail")])
-# What featurize emits: a mels row, or a reject (mel null, reason set).
-WORK_SCHEMA = pa.schema(list(MELS_SCHEMA) + [(c, pa.string()) for c in ("source", "reason", "detail")])
-
-
-class PrepareError(PipelineError):
-    """The release does not allow this run."""
+# What featurize emits: a mels row, or a reject (mel null, reason set). `row`: a Parquet row's index in its file.
+WORK_SCHEMA = pa.schema(list(MELS_SCHEMA) + [(c, pa.string()) for c in ("source", "reason", "detail")]
+                        + [("row", pa.int64())])
+PrepareError = layouts.PrepareError  # the input does not allow this run
 
 
 def featurize_clip(row: dict[str, Any], data: bytes | str, fcfg: FeatureConfig, pcfg: PrepareConfig,
                    filters: Any = None) -> dict[str, Any]:
-    """One TSV row + its clip (bytes, or a local path) -> a mels row, or the row with `reason` set."""
+    """One index row + its clip (bytes, or a local path) -> a mels row, or the row with `reason` set."""
     out = {name: row.get(name) for name in WORK_SCHEMA.names}
 
     def rejected(reason: str, detail: str) -> dict[str, Any]:
@@ -72,7 +74,9 @@ def featurize_clip(row: dict[str, Any], data: bytes | str, fcfg: FeatureConfig, 
             warnings.simplefilter("ignore")
             decoded = features.decode(data, fcfg.sampling_rate)
     except Exception as e:  # libsndfile raises several types for bad input; all mean the same here
-        return rejected(cv.UNDECODABLE, f"{type(e).__name__}: {e}"[:300])
+        # Bytes (embedded in Parquet) are named by the row's source, not by the BytesIO's address.
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", str(row.get("source")), f"{type(e).__name__}: {e}")
+        return rejected(cv.UNDECODABLE, detail[:300])
     audio, sr = decoded.audio, fcfg.sampling_rate
     duration = len(audio) / sr
     if len(audio) == 0:
@@ -97,33 +101,55 @@ def featurize_clip(row: dict[str, Any], data: bytes | str, fcfg: FeatureConfig, 
     }
 
 
-def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConfig,
-                   pcfg: PrepareConfig, filters: Any = None) -> pa.Table:
-    """Read and featurize a batch of rows; every input row comes back, usable or rejected."""
+def featurize_rows(rows: list[dict[str, Any]], clips_url: str, fcfg: FeatureConfig, pcfg: PrepareConfig,
+                   filters: Any = None, audio_column: str | None = None) -> pa.Table:
+    """Read and featurize a batch of rows; every input row comes back, usable or rejected.
+
+    A row's `path` is relative to `clips_url`; a row with a `row` index has its audio embedded in that
+    Parquet file's `audio_column`. Nothing is read for a row whose path resolves outside `clips_url`.
+    """
     import torch
 
     torch.set_num_threads(1)  # one CPU per task: Ray Data parallelises across clips
     fs, root = cache.filesystem(clips_url)
-    local = cache.is_local(fs)
+    inside = os.path.realpath(root) + os.sep if cache.is_local(fs) else None
+    escaped = [bool(inside) and not os.path.realpath(cache.join(root, r["path"])).startswith(inside) for r in rows]
+    parquet = [r for r, out in zip(rows, escaped, strict=True) if not out and r.get("row") is not None]
+    embedded = layouts.embedded_audio(fs, root, parquet, audio_column or "") if parquet else {}
     out: list[dict[str, Any]] = []
-    inside = os.path.realpath(root) + os.sep if local else None
-    for row in rows:
-        path = cache.join(root, row["path"])
-        if inside and not os.path.realpath(path).startswith(inside):  # a symlink (or a parent) leading out
-            out.append({n: row.get(n) for n in WORK_SCHEMA.names}
-                       | {"reason": cv.BAD_ROW, "detail": f"{row['path']} resolves outside {clips_url}: not read"})
+    for row, outside in zip(rows, escaped, strict=True):
+        if outside:  # a symlink (or a parent) leading out
+            out.append(_rejected(row, cv.BAD_ROW, f"{row['path']} resolves outside {clips_url}: not read"))
             continue
-        try:
-            # Local clips are decoded from their path: libsndfile reads it directly, far cheaper
-            # than feeding it bytes through Python callbacks. Remote ones arrive in one request.
-            data = path if local and os.path.isfile(path) else fs.cat_file(path)
-        except FileNotFoundError:
-            out.append({n: row.get(n) for n in WORK_SCHEMA.names}
-                       | {"reason": cv.MISSING_FILE, "detail": f"{clips_url}/{row['path']} does not exist"})
-            continue
-        out.append(featurize_clip(row, data, fcfg, pcfg, filters))
+        data = embedded[(row["path"], row["row"])] if row.get("row") is not None else _clip(fs, root, row, clips_url)
+        if data is None:
+            out.append(_rejected(row, cv.MISSING_FILE, f"{row['source']}: no audio in column {audio_column!r}"))
+        elif isinstance(data, Exception):
+            out.append(_rejected(row, cv.UNDECODABLE, f"{row['path']}: {type(data).__name__}: {data}"[:300]))
+        elif isinstance(data, dict):
+            out.append(data)
+        else:
+            out.append(featurize_clip(row, data, fcfg, pcfg, filters))
     # Column-wise: several times cheaper than Table.from_pylist on rows of 100 KB blobs.
-    return pa.table({f.name: pa.array([r[f.name] for r in out], f.type) for f in WORK_SCHEMA}, schema=WORK_SCHEMA)
+    return pa.table({f.name: pa.array([r.get(f.name) for r in out], f.type) for f in WORK_SCHEMA}, schema=WORK_SCHEMA)
+
+
+def _rejected(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    return {n: row.get(n) for n in WORK_SCHEMA.names} | {"reason": reason, "detail": detail, "mel": None}
+
+
+def _clip(fs: Any, root: str, row: dict[str, Any], clips_url: str) -> bytes | str | dict[str, Any]:
+    """A clip file's local path (libsndfile reads it directly, far cheaper than bytes through Python
+    callbacks) or its bytes (remote: one request), or the reject if it is not there. A local path that is
+    not a regular file (a directory, a FIFO that would block) is never opened."""
+    path = cache.join(root, row["path"])
+    missing = _rejected(row, cv.MISSING_FILE, f"{clips_url}/{row['path']} does not exist (as a regular file)")
+    if cache.is_local(fs):
+        return path if os.path.isfile(path) else missing
+    try:
+        return fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        return missing
 
 
 def write_mels(fs: Any, path: str, table: pa.Table) -> None:
@@ -133,31 +159,21 @@ def write_mels(fs: Any, path: str, table: pa.Table) -> None:
                         write_statistics=["id", "split", "duration_s", "num_frames"])
 
 
-def plan_fingerprint(cfg: Config, tsv_sha256: dict[str, str]) -> dict[str, Any]:
-    """What the output's content depends on (file sizes and parallelism excluded)."""
+def plan_fingerprint(cfg: Config, src: layouts.Source) -> dict[str, Any]:
+    """What the output's content depends on (file sizes and parallelism excluded). A CommonVoice plan
+    keeps the content it has always had, so outputs made before other layouts existed still resume."""
     p = cfg.prepare
     content = {
         "schema_version": SCHEMA_VERSION,
-        "tsv_sha256": tsv_sha256,
         "features": cache.fingerprint_fields(cfg.features),
         "prepare": {k: getattr(p, k) for k in ("splits", "min_up_votes", "max_down_votes", "max_duration_s",
                                                "min_duration_s", "silence_peak", "limit")},
     }
+    if src.layout == layouts.COMMONVOICE:
+        content["tsv_sha256"] = src.selection.index_sha256
+    else:
+        content |= {"layout": src.options, "index_sha256": src.selection.index_sha256}
     return {"fingerprint": cache.fingerprint(content), "content": content}
-
-
-def read_release(input_url: str, splits: list[str]) -> dict[str, bytes]:
-    fs, root = cache.filesystem(input_url)
-    tsvs = {}
-    for split in splits:
-        path = cache.join(root, f"{split}.tsv")
-        try:
-            tsvs[split] = fs.cat_file(path)
-        except FileNotFoundError:
-            present = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(cache.join(root, "*.tsv")))
-            raise PrepareError(f"{input_url}: no {split}.tsv (split {split!r}); the release has: "
-                               f"{', '.join(present) or 'no TSV files'}") from None
-    return tsvs
 
 
 def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool = False) -> dict[str, Any]:
@@ -169,9 +185,9 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
     check_features(cfg)  # before any work: the features must be the ones the run's Whisper reads
     t0 = time.time()
     pcfg = cfg.prepare
-    sel = cv.select(read_release(input_url, pcfg.splits), min_up_votes=pcfg.min_up_votes,
-                    max_down_votes=pcfg.max_down_votes, limit=pcfg.limit)
-    plan = plan_fingerprint(cfg, sel.tsv_sha256) | {"input": input_url}
+    src = layouts.load(input_url, pcfg)
+    sel = src.selection
+    plan = plan_fingerprint(cfg, src) | {"input": input_url}
     manifest = cache.begin(output_url, plan, (MELS_DIR, REJECTS_DIR), overwrite=overwrite)
     if manifest:
         log.info("%s is complete (%d clips); nothing to do", output_url, manifest["counts"]["clips"])
@@ -186,8 +202,8 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
     for path in removed:
         log.warning("removed unfinished file %s (a previous run stopped while writing it)", path)
     todo = [r for r in sel.rows if r["id"] not in done]
-    log.info("prepare: %d clips selected, %d already done, %d to do; %d rows rejected from the TSVs",
-             len(sel.rows), len(sel.rows) - len(todo), len(todo), len(sel.rejects))
+    log.info("prepare (%s): %d clips selected, %d already done, %d to do; %d rows rejected from the index",
+             src.layout, len(sel.rows), len(sel.rows) - len(todo), len(todo), len(sel.rejects))
 
     if todo:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -195,12 +211,12 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
         in_schema = pa.schema([f for f in WORK_SCHEMA if f.name in todo[0]])
         todo_table = pa.Table.from_pylist(todo, schema=in_schema)
         blocks = [todo_table.slice(i, per_block) for i in range(0, len(todo), per_block)]
-        clips_url = cache.join(input_url.rstrip("/"), "clips")
+        clips_url, audio_column = src.audio_root, src.options.get("audio_column")
         fcfg = cfg.features
         filters = features.mel_filters(fcfg)  # shipped with the tasks: workers never import librosa
 
         def featurize(batch: pa.Table) -> pa.Table:
-            return featurize_rows(batch.to_pylist(), clips_url, fcfg, pcfg, filters)
+            return featurize_rows(batch.to_pylist(), clips_url, fcfg, pcfg, filters, audio_column)
 
         sink = cache.split_sink(output_url, plan["run_id"], pcfg.rows_per_file, MELS_DIR, MELS_SCHEMA,
                                 REJECTS_DIR, REJECTS_SCHEMA, write_mels)
@@ -217,7 +233,7 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
         finally:
             ctx.op_resource_reservation_enabled = reserving
 
-    manifest = finalize(cfg, output_url, plan, sel)
+    manifest = finalize(cfg, output_url, plan, src)
     c = manifest["counts"]
     log.info("prepare: %d clips (%.2f h of audio) in %d files, %d rejects %s; %.1f s",
              c["clips"], c["audio_hours"], len(manifest["files"]["mels"]), c["rejects"],
@@ -225,9 +241,11 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
     return manifest
 
 
-def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selection) -> dict[str, Any]:
+def finalize(cfg: Config, output_url: str, plan: dict[str, Any], src: layouts.Source) -> dict[str, Any]:
     """Check the finished output (every selected row accounted for exactly once) and write the manifest."""
     fs, _ = cache.filesystem(output_url)
+    sel = src.selection
+    index = "tsv_sha256" if src.layout == layouts.COMMONVOICE else "index_sha256"
     out = cache.collect_outputs(output_url, MELS_DIR, REJECTS_DIR, (r["id"] for r in sel.rows),
                                 write_good=write_mels, skip=(layout.ROW_REJECTS_FILE,))
     durations = cache.read_column(fs, out.good, "duration_s")
@@ -235,7 +253,8 @@ def finalize(cfg: Config, output_url: str, plan: dict[str, Any], sel: cv.Selecti
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
         "fingerprint": plan["fingerprint"],
-        "source": {"input": plan["input"], "splits": cfg.prepare.splits, "tsv_sha256": sel.tsv_sha256},
+        "source": {"input": plan["input"], "splits": cfg.prepare.splits, "layout": src.layout,
+                   **src.options, index: sel.index_sha256},
         "config": {"features": cache.fingerprint_fields(cfg.features), "prepare": vars(cfg.prepare)},
         "versions": cache.versions("ray", "torch", "librosa", "soundfile", "pyarrow", "transformers"),
         "counts": {

@@ -50,7 +50,7 @@ def test_select_dedupes_across_splits_and_rejects_in_split_duplicates():
     assert [(r["id"], r["split"]) for r in sel.rows] == [("a", "train"), ("b", "train"), ("c", "validated")]
     assert [(r["id"], r["reason"]) for r in sel.rejects] == [("a", cv.DUPLICATE)]
     assert sel.filtered == {"already_in_train": 1}
-    assert set(sel.tsv_sha256) == {"train.tsv", "validated.tsv"}
+    assert set(sel.index_sha256) == {"train.tsv", "validated.tsv"}
 
     voted = cv.select({"train": train, "validated": validated}, min_up_votes=2, max_down_votes=1)
     assert [r["id"] for r in voted.rows] == ["a"]
