@@ -10,6 +10,9 @@
     save(dir, model, optimizer, state, config) -> bool   write this worker's part of a checkpoint
     load(checkpoint, model, optimizer) -> TrainState     restore in place
 
+`any_worker(flag, world)` serves every backend: whether any worker's flag is set (the loop's preemption
+stop), decided on the host so that it never waits for the device.
+
 `PlainBackend`: CPU workers over gloo, or one GPU each over NCCL, gradients all-reduced by hand.
 `FsdpBackend`: FSDP2 `fully_shard` per layer (the CUDA default; `train.fsdp=true` on CPUs). The XLA
 SPMD backend is pipeline/xla.py. The loop (pipeline/train.py) knows none of their details.
@@ -18,6 +21,7 @@ SPMD backend is pipeline/xla.py. The loop (pipeline/train.py) knows none of thei
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,6 +138,23 @@ class FsdpBackend(PlainBackend):
 
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         pass  # FSDP2 reduce-scatters them itself
+
+
+def any_worker(flag: bool, world: int) -> bool:
+    """True on every worker when `flag` is set on any: the workers stop at the same step, so none is left
+    waiting alone in a collective. One int all-reduced on the host over gloo, never waiting for the device."""
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group())
+    return bool(value.item())
+
+
+@functools.cache
+def _host_group() -> Any:
+    """A group for host tensors: the default one where it is gloo (CPU, XLA), else a gloo group made once
+    (NCCL takes only CUDA tensors). Every rank calls it at the same step: creating a group is collective."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def make_backend(tcfg: Any, rank: int = 0, world: int = 1, local_rank: int = 0, threads: int = 1) -> Any:

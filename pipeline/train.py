@@ -1,9 +1,10 @@
 """Stage 3, train: the Q-Former learns from cached targets, on Ray Train (Train V2, TorchTrainer).
 
 One loop for every device, read top to bottom: build the student, maybe resume, then for each step:
-micro-batches -> `train_step` (pipeline.step) -> log -> checkpoint. What differs between CPU, FSDP2 and
-torch_xla SPMD is a backend object (pipeline.backends, pipeline.xla); the checkpoint format is
-pipeline.checkpoint's. The teacher never runs here: its targets come from the stage-2 cache.
+micro-batches -> `train_step` (pipeline.step) -> log -> checkpoint, stopping there after a SIGTERM (a
+spot VM's notice, "preemption" below). What differs between CPU, FSDP2 and torch_xla SPMD is a backend
+object (pipeline.backends, pipeline.xla); the checkpoint format is pipeline.checkpoint's. The teacher
+never runs here: its targets come from the stage-2 cache.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import logging
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -109,17 +112,59 @@ def save(backend: Any, model: Any, optimizer: torch.optim.Optimizer, state: ckpt
                          checkpoint=ray.train.Checkpoint.from_directory(d) if mine else None)
 
 
+# --- preemption: SIGTERM -> a checkpoint at the next step boundary, then a clean stop ---------------------
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL (sysexits.h): jobs.train stopped on SIGTERM with a checkpoint; resubmit to resume
+_sigterm = threading.Event()
+
+
+def _flag_sigterm() -> None:
+    """SIGTERM sets a flag instead of running Ray's handler, which exits at once (a crash to Ray Train); a
+    second SIGTERM gets Ray's handler back. Python runs handlers on the main thread and only it may set them."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _sigterm.set()
+        signal.signal(signal.SIGTERM, previous)
+
+    _sigterm.clear()
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def watch_sigterm() -> None:
+    """From here on, SIGTERM asks the loop to checkpoint and stop. The loop runs in a thread of the Ray Train
+    worker actor, whose tasks run on its main thread: the handler is installed through one (`execute`, how Ray
+    Train's worker group runs its own setup on the workers)."""
+    if threading.current_thread() is threading.main_thread():
+        _flag_sigterm()
+        return
+    import ray
+
+    ray.get(ray.get_runtime_context().current_actor.execute.remote(_flag_sigterm))
+
+
+def last_step(tcfg: Any) -> int:
+    """Where this submission ends: train.steps, or train.stop_at_step before it."""
+    return min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
+
+
+def preempted(result: Any) -> bool:
+    """Whether a fit ended on SIGTERM (its last report says so) rather than at its last step."""
+    return bool((result.metrics or {}).get("preempted"))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     import ray.train
 
-    from pipeline.backends import make_backend
+    from pipeline.backends import any_worker, make_backend
     from pipeline.ingest import Collate
     from pipeline.losses import DivaLoss
     from pipeline.model import EncoderCache
 
     cfg: Config = from_dict(Config, config["worker_cfg"])
     tcfg = cfg.train
+    watch_sigterm()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tcfg.seed)
@@ -128,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     backend = make_backend(tcfg, rank, world, ctx.get_local_rank(), threads=config["threads"])
     model, optimizer = build(cfg, backend)
     state = resume(backend, model, optimizer, rank)
-    end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
+    end = last_step(tcfg)
     if state.step >= end:
         log.info("rank %d: the run is at step %d of %d already; nothing to do", rank, state.step, end)
         return
@@ -153,7 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             optimizer, backend, lr=lr, grad_clip=tcfg.grad_clip)
         examples += tcfg.global_batch_size
         state = ckpt.TrainState(step=step + 1, epoch=micro[-1][0], batch_in_epoch=micro[-1][1] + 1)
-        last = state.step == end
+        stop = any_worker(_sigterm.is_set(), world) and state.step < end  # every rank stops at the same step
+        last = state.step == end or stop
         log_now = state.step % tcfg.log_every == 0 or last or step == 0
         save_now = state.step % tcfg.checkpoint_every == 0 or last
         if not (log_now or save_now):
@@ -167,7 +213,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics_log.write(state.step, metrics)
                 log.info("step %d/%d %s", state.step, tcfg.steps, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if save_now:
-            save(backend, model, optimizer, state, config["cfg"], metrics, metrics_log)
+            save(backend, model, optimizer, state, config["cfg"], metrics | ({"preempted": 1} if stop else {}),
+                 metrics_log)
+        if stop:
+            log.warning("rank %d: SIGTERM%s: stopped at step %d of %d, checkpoint saved", rank,
+                        "" if _sigterm.is_set() else " to another worker", state.step, end)
+            return
 
 
 def step_metrics(result: Any, micro_batches: int, lr: float, tcfg: Any) -> dict[str, float]:
@@ -242,4 +293,9 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
         datasets={"train": ds},
         dataset_config=DataConfig(enable_shard_locality=False),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if preempted(result):
+        log.warning("train: preempted (SIGTERM) at step %d of %d: checkpoint %s; submit the same command again "
+                    "to resume", result.metrics["step"], last_step(tcfg),
+                    result.checkpoint.path if result.checkpoint else None)
+    return result

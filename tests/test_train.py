@@ -88,10 +88,12 @@ def read_metrics(out: Path) -> list[dict]:
 # --- Ray Train on CPU ----------------------------------------------------------------------------------
 
 
+TINY_TRAIN = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6", "train.log_every=1",
+              "train.checkpoint_every=2", "train.lr=1e-3", "train.warmup_frac=0.25"]
+
+
 def tiny_train(*overrides: str):
-    return load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6",
-                                "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",
-                                "train.warmup_frac=0.25", *overrides])
+    return load_config("tiny", [*TINY_TRAIN, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,29 @@ def assert_same_losses(got: list[dict], expected: list[dict]) -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
+def signal_the_worker(out: Path, *, after_step: int, signum: int) -> list[int]:
+    """Send the training worker `signum` from a thread once <out>'s metrics.jsonl holds `after_step` steps;
+    the trainer runs on the calling (main) thread, as in a job. Returns the list the signalled pid goes into."""
+    from ray._private.state import actors  # the GCS's actor table (ray.util.state needs the dashboard)
+
+    jsonl, sent = out / "logs" / "metrics.jsonl", []
+
+    def send() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if jsonl.exists() and len(jsonl.read_text().splitlines()) >= after_step:
+                table = actors().values()
+                workers = [a for a in table if a["State"] == "ALIVE" and "TrainWorker" in a["ActorClassName"]]
+                assert len(workers) == 1, [(a["ActorClassName"], a["State"]) for a in table]
+                os.kill(workers[0]["Pid"], signum)
+                sent.append(workers[0]["Pid"])
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=send, daemon=True).start()
+    return sent
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
     from pipeline.train import run_training
@@ -132,38 +157,54 @@ def test_resume_continues_exactly(ray_local, prepared_mels, teacher_cache, strai
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
     """SIGKILL the training worker mid-run: Ray Train's FailureConfig restarts the worker group, which
     resumes from the latest checkpoint and ends where an uninterrupted run ends."""
-    from ray._private.state import actors  # the GCS's actor table (ray.util.state needs the dashboard)
-
     from pipeline.train import run_training
 
     out = tmp_path / "failing"
-    jsonl = out / "logs" / "metrics.jsonl"
-    killed: list[int] = []
-
-    def kill_the_worker_at_step_3() -> None:
-        # Step 3 is logged after step 2's checkpoint was reported: kill then, with steps still to go.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3:
-                table = actors().values()
-                workers = [a for a in table if a["State"] == "ALIVE" and "TrainWorker" in a["ActorClassName"]]
-                assert len(workers) == 1, [(a["ActorClassName"], a["State"]) for a in table]
-                os.kill(workers[0]["Pid"], signal.SIGKILL)
-                killed.append(workers[0]["Pid"])
-                return
-            time.sleep(0.05)
-
-    # The trainer runs on this (main) thread, as in a job; the failure comes from outside.
-    killer = threading.Thread(target=kill_the_worker_at_step_3, daemon=True)
-    killer.start()
+    # Step 3 is logged after step 2's checkpoint was reported: kill then, with steps still to go.
+    killed = signal_the_worker(out, after_step=3, signum=signal.SIGKILL)
     result = run_training(tiny_train("train.max_failures=1"), str(prepared_mels), str(teacher_cache), str(out))
-    killer.join(timeout=10)
     assert killed, "the worker was never killed"
     assert result.error is None and result.metrics["step"] == 6
     got = read_metrics(out)
     steps = [m["step"] for m in got]
     assert len(steps) > len(set(steps)), f"no step ran twice, so no restart happened: {steps}"
     assert_same_losses(got, straight)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_same_command_resumes(
+        ray_local, prepared_mels, teacher_cache, straight, tmp_path, monkeypatch, caplog):
+    """A spot VM's notice: SIGTERM to the training worker after step 2. It finishes its step, checkpoints there and
+    the run ends cleanly: no restart (train.max_failures=1 would allow one), the job exits PREEMPTED_EXIT and says
+    where it stopped. The same command again resumes, and every step's losses equal an uninterrupted run's. No
+    periodic checkpoints (checkpoint_every=100): the one to resume from is the SIGTERM's."""
+    from ray._private.state import actors
+
+    from jobs import train as job
+    from pipeline.export import resolve_checkpoint
+    from pipeline.train import PREEMPTED_EXIT
+
+    out = tmp_path / "spot"
+    monkeypatch.setattr("sys.argv", ["jobs.train", "--config", "tiny", "--mels", str(prepared_mels), "--teacher",
+                                     str(teacher_cache), "--output", str(out), *TINY_TRAIN,
+                                     "train.checkpoint_every=100", "train.max_failures=1"])
+    sent = signal_the_worker(out, after_step=2, signum=signal.SIGTERM)
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        assert job.run() == PREEMPTED_EXIT
+    assert sent, "the worker was never signalled"
+    steps = [m["step"] for m in read_metrics(out)]
+    stopped = steps[-1]
+    assert 3 <= stopped < 6 and steps == list(range(1, stopped + 1)), steps  # no step ran twice: no restart
+    checkpoint = resolve_checkpoint(str(out))
+    assert Checkpoint(checkpoint).state.step == stopped
+    assert f"preempted (SIGTERM) at step {stopped} of 6: checkpoint {checkpoint}" in caplog.text
+    worker = next(a for a in actors().values() if a["Pid"] == sent[0])
+    assert "SIGTERM" not in str(worker["DeathCause"]), worker  # Ray Train ended it once its loop returned
+
+    assert job.run() == 0
+    got = read_metrics(out)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    assert_same_losses(got, straight)  # to float32 rounding: two uninterrupted runs differ by as much
 
 
 # Full-batch steps on the 16 clips, 64 queries (the bundled transcripts average 30 tokens, the few
