@@ -327,7 +327,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(data, key.strip(), _parse_yaml(raw, f"override {item!r}") if raw.strip() else None)
     for key, value in (values or {}).items():
         _set_dotted(data, key, value)
     return from_dict(Config, data)
@@ -338,17 +338,32 @@ def _read_yaml(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]
     path = Path(source)
     if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
         path = PRESET_DIR / f"{source}.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config {source!r} is neither a preset ({', '.join(presets())}) nor a file")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = _parse_yaml(path.read_bytes(), str(path)) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("extends", None)
     if base is None:
         return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: `extends` names a preset or a YAML file, not {base!r}")
     if str(path.resolve()) in seen:
         raise ConfigError(f"{path}: `extends` goes round in a circle ({' -> '.join(seen)})")
-    return _merged(_read_yaml(base, (*seen, str(path.resolve()))), loaded)
+    try:
+        parent = _read_yaml(base, (*seen, str(path.resolve())))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: extends: {e}") from None
+    return _merged(parent, loaded)
+
+
+def _parse_yaml(text: str | bytes, where: str) -> Any:
+    """YAML text -> data; any failure is a ConfigError naming `where`. Besides YAMLError, PyYAML raises
+    ValueError, KeyError or AttributeError for a bad explicit tag (`!!int x`, `!!bool maybe`)."""
+    try:
+        return yaml.safe_load(text)
+    except Exception as e:
+        raise ConfigError(f"{where}: not valid YAML ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -360,6 +375,8 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
+    if not all(part.strip() for part in (*parents, leaf)):
+        raise ConfigError(f"override {key!r}: empty name in a dotted key (expected section.key=value)")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
@@ -374,10 +391,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)  # YAML keys may be numbers, booleans or null
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(where + k for k in unknown)}; valid: {', '.join(sorted(names))}"
+            f"unknown key(s) {', '.join(repr(where + k) for k in unknown)}; valid: {', '.join(sorted(names))}"
         )
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
     return cls(**kwargs)

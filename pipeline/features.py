@@ -24,7 +24,23 @@ import soundfile as sf
 import soxr
 import torch
 
+from pipeline import PipelineError
 from pipeline.config import FeatureConfig
+
+# A header that declares a lower rate is taken to be corrupt: real audio is 8 kHz or more, and a 1 Hz header
+# over a small file would make its 16 kHz decode 16000 times the samples the file holds.
+MIN_SAMPLE_RATE = 1000
+# Samples beyond this magnitude (full scale is 1) are not audio: a float file of garbage, whose log-Mel would
+# overflow float32 to infinity.
+MAX_PEAK = 1e6
+# Samples (frames x channels) read at a time: a header's frame count is never trusted with an allocation
+# (a damaged MP3 header can declare terabytes).
+READ_BLOCK = 1 << 20
+
+
+class DecodeError(PipelineError, ValueError):
+    """Bytes or a file that do not decode to usable audio: an unknown format, a corrupt stream, a sample rate
+    under MIN_SAMPLE_RATE, or samples that are NaN, infinite or beyond MAX_PEAK. The message says which."""
 
 
 @dataclass
@@ -60,12 +76,26 @@ def decode(source: str | bytes | os.PathLike, sampling_rate: int = 16000) -> Dec
     The same steps as `librosa.load(sr=...)` (read, average channels, soxr_hq resample; a test
     holds them bit-equal), done by hand to keep the header's frame count (libsndfile decodes a
     truncated MP3 without an error, and only that count shows the clip is cut short) and to spare
-    each worker librosa's import-time cost.
+    each worker librosa's import-time cost. Input that is not usable audio raises DecodeError.
     """
-    with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
-        declared, native = f.frames, f.samplerate
-        audio = f.read(dtype="float32", always_2d=False).T
-    read = audio.shape[-1]
+    name = "the audio" if isinstance(source, bytes) else os.fspath(source)
+    try:
+        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
+            declared, native = f.frames, f.samplerate
+            if native < MIN_SAMPLE_RATE:
+                raise DecodeError(f"{name}: its header declares {native} Hz, below {MIN_SAMPLE_RATE} Hz: corrupt")
+            block = max(1, READ_BLOCK // f.channels)
+            blocks = [f.read(block, dtype="float32", always_2d=True)]
+            while len(blocks[-1]) == block:  # to the end of the stream, or of the frames it declares
+                blocks.append(f.read(block, dtype="float32", always_2d=True))
+    except sf.SoundFileError as e:  # libsndfile: unknown format, corrupt stream, unsupported encoding
+        raise DecodeError(str(e)) from e
+    frames = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    read = len(frames)
+    audio = frames[:, 0] if frames.shape[1] == 1 else frames.T  # [frames] or [channels, frames]
+    if audio.size and not float(np.abs(audio).max()) <= MAX_PEAK:  # NaN, infinity or garbage
+        raise DecodeError(f"{name}: holds samples that are not audio (NaN, infinite or beyond {MAX_PEAK:g} "
+                          "times full scale)")
     if audio.ndim > 1:
         audio = audio.mean(axis=0)  # librosa.to_mono
     if native != sampling_rate:
