@@ -195,6 +195,9 @@ class TrainConfig:
     position_decay: float = 1.0
     # "sum" over a transcript's tokens (paper Eq. 1) or "token_mean" (the released code's scaling).
     align_reduction: Literal["sum", "token_mean"] = "sum"
+    # Which virtual tokens the transcript aligns with: "right", the last N (paper section 3.2.1); "left", the
+    # first N (beyond the paper: learns the words several times faster on a small budget, docs/small.md).
+    align_side: Literal["right", "left"] = "right"
     dtype: Literal["float32", "bfloat16"] = "float32"  # frozen encoder/LLM; trainable weights stay float32
     activation_checkpointing: bool = False
     # FSDP2 (`fully_shard`): null = on for cuda (any worker count; it also carries bf16 compute), off

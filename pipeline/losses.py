@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 AlignReduction = Literal["sum", "token_mean"]
+AlignSide = Literal["right", "left"]
 
 
 def distillation_loss(h_student: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,8 @@ def aligned_lengths(lengths: torch.Tensor, num_virtual: int, text_width: int) ->
     return lengths.long().clamp(min=0, max=min(num_virtual, text_width))
 
 
-def alignment_loss(virtual: torch.Tensor, text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def alignment_loss(virtual: torch.Tensor, text: torch.Tensor, lengths: torch.Tensor,
+                   side: AlignSide = "right") -> torch.Tensor:
     """Per-example token alignment (paper Eq. 1, DESIGN.md section 3) in float32 -> [B].
 
     ``virtual`` [B, Q, H] are the Q-Former's virtual tokens; ``text`` [B, N, H] the LLM input embeddings of
@@ -84,7 +86,13 @@ def alignment_loss(virtual: torch.Tensor, text: torch.Tensor, lengths: torch.Ten
     longer than Q is truncated to its first Q tokens, which then align with all Q virtual tokens (count
     such examples with ``truncated_count``). Padding text positions and virtual tokens before ``Q - n_b``
     contribute exactly 0 and get zero gradient, even if the padding holds inf/NaN.
+
+    ``side="left"`` (beyond the paper, for short CPU runs: docs/small.md) aligns them onto the *first* n_b
+    virtual tokens instead, ``virtual[b, i]``: query i then reads word i, the order in which the Whisper
+    decoder it was copied from emits words, which a few thousand examples teach several times faster.
     """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', not {side!r}")
     if virtual.dim() != 3 or text.dim() != 3:
         raise ValueError(f"virtual and text must be [B, Q, H] and [B, N, H]; got {tuple(virtual.shape)}, "
                          f"{tuple(text.shape)}")
@@ -96,8 +104,10 @@ def alignment_loss(virtual: torch.Tensor, text: torch.Tensor, lengths: torch.Ten
     n = aligned_lengths(lengths.to(virtual.device), num_virtual, text.shape[1])  # [B]
     pos = torch.arange(width, device=virtual.device)  # text position i
     valid = pos[None, :] < n[:, None]  # [B, M]: i < n_b
-    # Virtual index Q - n_b + i for real tokens; clamped into range (to Q - 1) for padding, which is masked.
-    index = (num_virtual - n[:, None] + pos[None, :]).clamp(max=num_virtual - 1)  # [B, M]
+    # Virtual index Q - n_b + i (right) or i (left) for real tokens; clamped into range (to Q - 1) for
+    # padding, which is masked.
+    start = num_virtual - n[:, None] if side == "right" else torch.zeros_like(n)[:, None]
+    index = (start + pos[None, :]).clamp(max=num_virtual - 1)  # [B, M]
     picked = torch.gather(virtual, 1, index[:, :, None].expand(batch, width, hidden))  # [B, M, H]
     diff = picked.float() - text[:, :width].float()
     # where (not a multiply): padding that holds inf/NaN yields 0, and its gradient is 0 too.
@@ -164,6 +174,7 @@ class DivaLoss:
     w_kl: float = 0.0
     align_reduction: AlignReduction = "sum"
     position_decay: float = 1.0  # multi-position distillation (h_teacher [B, P, H]) only
+    align_side: AlignSide = "right"  # the paper's last N virtual tokens; "left": the first N (alignment_loss)
 
     def __post_init__(self) -> None:
         weights = {"w_distill": self.w_distill, "w_align": self.w_align, "w_kl": self.w_kl}
@@ -176,6 +187,8 @@ class DivaLoss:
             raise ValueError(f"position_decay must be > 0, not {self.position_decay}")
         if self.align_reduction not in ("sum", "token_mean"):
             raise ValueError(f"align_reduction must be 'sum' or 'token_mean', not {self.align_reduction!r}")
+        if self.align_side not in ("right", "left"):
+            raise ValueError(f"align_side must be 'right' or 'left', not {self.align_side!r}")
 
     @property
     def needs_llm(self) -> bool:
@@ -208,7 +221,7 @@ class DivaLoss:
             distill = multi_position_distillation(h_student, h_teacher, target_mask, self.position_decay).mean()
         elif h_student is not None:
             distill = distillation_loss(h_student, h_teacher).mean()
-        per_example = alignment_loss(virtual, text, lengths)
+        per_example = alignment_loss(virtual, text, lengths, self.align_side)
         if self.align_reduction == "sum":
             align = per_example.mean()
         else:

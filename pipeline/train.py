@@ -185,7 +185,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tcfg.cache_encoder:
         model.encoder_cache = EncoderCache(tcfg.encoder_cache_mb * 2**20)
     loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, w_kl=tcfg.w_kl,
-                       align_reduction=tcfg.align_reduction, position_decay=tcfg.position_decay)
+                       align_reduction=tcfg.align_reduction, position_decay=tcfg.position_decay,
+                       align_side=tcfg.align_side)
     align_only = dataclasses.replace(loss_fn, w_distill=0.0, w_kl=0.0, w_align=tcfg.w_align or 1.0)
     accum = accumulation(tcfg, world)
     metrics_log = MetricsLog(config["output"]) if rank == 0 else None

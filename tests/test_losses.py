@@ -22,14 +22,16 @@ T = torch.tensor
 NAN, INF = float("nan"), float("inf")
 
 
-def reference_alignment(virtual: list, text: list, lengths: list[int]) -> list[float]:
-    """Eq. 1 with plain loops: right-align min(len, Q, N) tokens onto the last virtual tokens."""
+def reference_alignment(virtual: list, text: list, lengths: list[int], side: str = "right") -> list[float]:
+    """Eq. 1 with plain loops: right-align min(len, Q, N) tokens onto the last virtual tokens (or, side
+    "left", onto the first ones)."""
     out = []
     for v, t, length in zip(virtual, text, lengths, strict=True):
         q, n = len(v), min(length, len(v), len(t))
+        first = q - n if side == "right" else 0
         total = 0.0
         for i in range(n):
-            total += math.sqrt(sum((a - b) ** 2 for a, b in zip(t[i], v[q - n + i], strict=True)))
+            total += math.sqrt(sum((a - b) ** 2 for a, b in zip(t[i], v[first + i], strict=True)))
         out.append(total)
     return out
 
@@ -143,16 +145,29 @@ def test_truncated_count():
     assert truncated_count(T([449, 448]), 448).dtype == torch.int64
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize(("q", "n"), [(6, 3), (6, 6), (4, 9), (1, 1), (5, 1)])
-def test_alignment_matches_the_loop_reference(q, n):
+def test_alignment_matches_the_loop_reference(q, n, side):
     gen = torch.Generator().manual_seed(q * 10 + n)
     batch, hidden = 7, 5
     virtual = torch.randn(batch, q, hidden, generator=gen, dtype=torch.float64)
     text = torch.randn(batch, n, hidden, generator=gen, dtype=torch.float64)
     lengths = T([0, 1, n, q, q + 1, max(n - 1, 0), 2 * max(n, q)])
-    got = alignment_loss(virtual, text, lengths)
-    expected = reference_alignment(virtual.tolist(), text.tolist(), lengths.tolist())
+    got = alignment_loss(virtual, text, lengths, side)
+    expected = reference_alignment(virtual.tolist(), text.tolist(), lengths.tolist(), side)
     torch.testing.assert_close(got, T(expected, dtype=torch.float32))
+
+
+def test_left_alignment_hand_computed_and_its_gradient_stays_on_the_first_tokens():
+    # Q = 3 virtual tokens, transcript of 2 tokens (+ 1 padding holding NaN): virtual 0 and 1 take part.
+    virtual = T([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]], requires_grad=True)
+    text = T([[[4.0, 4.0], [0.0, 0.0], [NAN, NAN]]])
+    loss = alignment_loss(virtual, text, T([2]), "left")
+    torch.testing.assert_close(loss, T([5.0 + 2.0]))  # ||(3, 4)|| + ||(0, -2)||
+    loss.sum().backward()
+    assert (virtual.grad[0, 2] == 0).all() and (virtual.grad[0, :2].abs().sum(-1) > 0).all()
+    assert torch.equal(DivaLoss(align_side="left", w_distill=0.0)(None, T([[0.0]]), virtual, text, T([2]))[0],
+                       loss.detach()[0])
 
 
 def _random_case(q: int = 5, n: int = 7, hidden: int = 3, seed: int = 0):
@@ -271,7 +286,8 @@ def test_total_loss_counts_truncation():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"w_distill": -1.0}, {"w_align": float("nan")}, {"w_distill": 0.0, "w_align": 0.0}, {"align_reduction": "x"}],
+    [{"w_distill": -1.0}, {"w_align": float("nan")}, {"w_distill": 0.0, "w_align": 0.0}, {"align_reduction": "x"},
+     {"align_side": "middle"}],
 )
 def test_total_loss_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
