@@ -50,19 +50,13 @@ def encoded(model, cfg, mels: str, teacher: str, split: str, limit: int) -> tupl
     return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
 
 
-def qformer_tokens(model, audio: torch.Tensor) -> torch.Tensor:
-    queries = model.queries.unsqueeze(0).expand(audio.shape[0], -1, -1)
-    hidden = model.qformer(inputs_embeds=queries, encoder_hidden_states=audio, use_cache=False).last_hidden_state
-    return model.projection(hidden)
-
-
 @torch.no_grad()
 def token_accuracy(model, data: tuple[torch.Tensor, ...], side: str, table: torch.Tensor) -> float:
     """Share of aligned virtual tokens whose nearest embedding row is the transcript's token."""
     audio, ids, lengths = data
     right = wrong = 0
     for i in range(0, len(audio), 32):
-        virtual = qformer_tokens(model, audio[i:i + 32])
+        virtual = model.project(audio[i:i + 32])
         n, q = lengths[i:i + 32].clamp(max=virtual.shape[1]), virtual.shape[1]
         pos = torch.arange(q)
         start = q - n[:, None] if side == "right" else torch.zeros_like(n)[:, None]
@@ -84,7 +78,7 @@ def train(base, side: str, train_data, eval_sets, table, args) -> list[dict]:
     audio, ids, lengths = train_data
     for step in range(1, args.steps + 1):
         pick = torch.randint(len(audio), (16,), generator=gen)
-        virtual = qformer_tokens(model, audio[pick])
+        virtual = model.project(audio[pick])
         loss = alignment_loss(virtual, base.text_embeddings(ids[pick]), lengths[pick], side).mean()
         opt.zero_grad()
         loss.backward()

@@ -161,7 +161,10 @@ class DiVA(nn.Module):
 
     def virtual_tokens(self, input_features: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """t_audio: log-Mel [B, n_mels, frames] -> [B, Q, H] in the projection's dtype."""
-        audio = self.encode(input_features, keys)
+        return self.project(self.encode(input_features, keys))
+
+    def project(self, audio: torch.Tensor) -> torch.Tensor:
+        """t_audio from the encoder's output A [B, frames / 2, d]: the Q-Former and the projection (what trains)."""
         # Expand the queries to the batch: Whisper's cross-attention views keys/values with the
         # *query's* batch size, so one unexpanded query set against B encoder outputs would silently
         # attend over all B clips at once.
