@@ -54,6 +54,19 @@ def teacher_cache(prepared_mels, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sixteen_mels(ray_local, tmp_path_factory) -> Path:
+    """16 train clips of the bundled corpus through stage 1 (tiny preset; stage 1 reads no model settings, so any
+    tiny-based config prepares the same rows), once per session; treat as read-only. One full batch of 16."""
+    from pipeline.config import load_config
+    from pipeline.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("sixteen") / "mels"
+    manifest = run_prepare(load_config("tiny", ["prepare.splits=[train]", "prepare.limit=16"]), str(CORPUS), str(out))
+    assert manifest["counts"]["clips"] == 16, manifest["counts"]
+    return out
+
+
+@pytest.fixture(scope="session")
 def gcs():
     """One local GCS emulator for the session; its env (endpoint, anonymous token) is in os.environ."""
     from gcs_emulator import gcs_emulator
@@ -82,12 +95,20 @@ def ray_local(gcs):
 
 
 @pytest.fixture(scope="session")
-def real_models(tmp_path_factory) -> Path:
+def converted_models(tmp_path_factory) -> Path:
+    """The one directory, laid out like models/, that this session converts the packaged models into: each model
+    is converted (convert.ensure_model) by the first test that needs it, tests/test_convert.py or `real_models`,
+    and found up to date by the rest. Treat what is in it as read-only."""
+    return tmp_path_factory.mktemp("converted") / "models"
+
+
+@pytest.fixture(scope="session")
+def real_models(converted_models) -> Path:
     """Whisper tiny.en and SmolLM2-135M-Instruct converted from their PyPI packages (scripts/setup.sh installs
     them), once per session, into a directory laid out like models/."""
     from pipeline import convert
 
-    out = tmp_path_factory.mktemp("real") / "models"
+    out = converted_models
     try:
         convert.ensure_models(out, ["whisper-tiny.en", "smollm2-135m-instruct"])
     except convert.MissingPackageError as exc:

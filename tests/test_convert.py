@@ -2,7 +2,7 @@
 
 Whisper is checked against ctranslate2 itself on the bundled clips (same greedy transcript, encoder
 outputs and step logits within float32 tolerances), SmolLM2 against transformers' own GGUF loading
-(bit-identical weights and logits). Each model is converted once per module into a temp directory.
+(bit-identical weights and logits). Each model is converted once per session into a temp directory.
 
 Tolerances (measured on these clips, ctranslate2 4.8.5 in float32 against torch 2.13 on CPU):
 encoder output max |diff| 2.6e-4 (tiny.en) and 1.1e-3 (base) against max |value| 12.7 and 24.4,
@@ -52,9 +52,10 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """name -> Converted, converting on first use: `models(name)`."""
-    output = tmp_path_factory.mktemp("converted") / "models"
+def models(converted_models):
+    """name -> Converted, converting on first use: `models(name)`. The directory is the session's (conftest):
+    the models converted here are the ones `real_models` gives the other modules, converted once."""
+    output = converted_models
     done: dict[str, convert.Converted] = {}
 
     def get(name: str) -> convert.Converted:

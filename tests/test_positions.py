@@ -182,11 +182,10 @@ def test_the_config_asks_for_a_cache_with_enough_positions():
 
 
 @pytest.mark.slow
-def test_teacher_and_training_with_response_positions(ray_local, corpus, tmp_path):
+def test_teacher_and_training_with_response_positions(ray_local, sixteen_mels, tmp_path):
     """The teacher caches K states per row equal to compute_targets' (float16 storage), a run asking for
     more positions than the cache holds is refused by name, and a P = 3 run trains and logs."""
     from pipeline.builders import load_tokenizer, tiny_llama
-    from pipeline.prepare import run_prepare
     from pipeline.teacher import compute_targets, decode_target, run_teacher, target_spec
     from pipeline.template import derive_template, stop_ids
     from pipeline.train import run_training
@@ -195,8 +194,7 @@ def test_teacher_and_training_with_response_positions(ray_local, corpus, tmp_pat
     run = cfg("prepare.splits=[train]", "prepare.limit=16", f"teacher.response_tokens={k}",
               "train.distill_positions=3", "train.global_batch_size=8", "train.micro_batch_size=8",
               "train.steps=2", "train.log_every=1", "train.checkpoint_every=2")
-    mels, teacher = tmp_path / "mels", tmp_path / "teacher"
-    run_prepare(run, str(corpus), str(mels))
+    mels, teacher = sixteen_mels, tmp_path / "teacher"  # `run`'s stage 1: the 16 train clips
     manifest = run_teacher(run, str(mels), str(teacher))
     assert manifest["response_tokens"] == k
     got = [r for f in sorted((teacher / "targets").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]

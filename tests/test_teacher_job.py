@@ -114,10 +114,10 @@ def test_over_long_transcripts_are_rejected_by_name(prepared_mels, tmp_path):
     assert manifest["counts"]["rejects_by_reason"] == {TOO_LONG: len(rejects)}
 
 
-def test_cache_for_another_model_or_template_is_refused(prepared_mels, tmp_path):
+def test_cache_for_another_model_or_template_is_refused(prepared_mels, teacher_cache, tmp_path):
     cfg = tiny()
     out = tmp_path / "teacher"
-    run_teacher(cfg, str(prepared_mels), str(out))
+    shutil.copytree(teacher_cache, out)  # conftest's run_teacher(tiny preset): what this test ran itself before
     tok = load_tokenizer(cfg.teacher)
     same = target_spec(cfg.teacher, tok, derive_template(tok))
     assert open_teacher(str(out), same)["counts"]["targets"] > 0

@@ -216,17 +216,15 @@ OVERFIT = ["train.global_batch_size=16", "train.micro_batch_size=16", "train.ste
 
 
 @pytest.fixture(scope="module")
-def sixteen(ray_local, corpus, tmp_path_factory) -> tuple[Path, Path]:
-    """16 train clips of the bundled corpus through stages 1 and 2 (tiny preset): one full batch."""
-    from pipeline.prepare import run_prepare
+def sixteen(ray_local, sixteen_mels, tmp_path_factory) -> tuple[Path, Path]:
+    """16 train clips of the bundled corpus through stages 1 (conftest's `sixteen_mels`) and 2 (tiny preset):
+    one full batch."""
     from pipeline.teacher import run_teacher
 
     cfg = load_config("tiny", ["prepare.splits=[train]", "prepare.limit=16"])
-    root = tmp_path_factory.mktemp("sixteen")
-    mels = run_prepare(cfg, str(corpus), str(root / "mels"))
-    assert mels["counts"]["clips"] == 16, mels["counts"]
-    run_teacher(cfg, str(root / "mels"), str(root / "teacher"))
-    return root / "mels", root / "teacher"
+    teacher = tmp_path_factory.mktemp("sixteen") / "teacher"
+    run_teacher(cfg, str(sixteen_mels), str(teacher))
+    return sixteen_mels, teacher
 
 
 @pytest.mark.slow
