@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import types
 import typing
@@ -87,11 +88,44 @@ def print_json(obj: Any) -> int:
 
 
 def init_ray() -> None:
-    """Join the cluster a `ray job submit` runs us on (RAY_ADDRESS), else start a local one."""
+    """Join the Ray that RAY_ADDRESS names (`ray job submit` and KubeRay set it; a user may, after `ray start`), else
+    start one of this job's own that ends with it. Never Ray's "find a running local instance": on a machine running
+    several, it picks by a file that any `ray start` rewrites (README "Jobs side by side")."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        start_local(log_to_driver=True)
+
+
+def start_local(**kwargs: Any) -> None:
+    """Start a local Ray whose processes all have its address in RAY_ADDRESS. Without it Ray's State API, which Ray
+    Train's placement-group cleaner polls every second, takes the machine's one gcs_server process, and fails once a
+    second instance runs ("Found multiple active Ray instances"). Workers inherit the raylet's environment, fixed
+    when ray.init starts it, so the GCS port is chosen first. The dashboard serves that API, so it must run."""
+    import ray
+
+    if kwargs.get("include_dashboard") is False:  # Ray would still record its default port (8265) as the API's
+        raise ValueError("start_local needs the dashboard: without it, the State API's address is a port that "
+                         "nothing serves (warnings every second) or another instance's dashboard does")
+    with socket.socket() as s:  # a free port, bound by the GCS a moment later
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
+    try:
+        ray.init(address="local", **kwargs)  # "local": always a new instance, whatever RAY_ADDRESS says
+    except BaseException:
+        os.environ.pop("RAY_ADDRESS")
+        raise
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT")
+    started = ray.get_runtime_context().gcs_address
+    if started != address:
+        raise RuntimeError(f"Ray started at {started}, not at {address}: its processes would look for another")
 
 
 def expected_error(exc: BaseException) -> PipelineError | None:

@@ -139,21 +139,32 @@ def parquet_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
     return sorted(p for p in names if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
 
 
+def drop_temporaries(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    """Delete the temporary files of local writes that never reached their rename (`write_parquet`): a writer
+    killed mid-write leaves one, and Ray retries its task under another name. Returns what was deleted."""
+    fs.invalidate_cache(directory)
+    if not fs.exists(directory):
+        return []
+    removed = []
+    for path in sorted(p for p in fs.ls(directory, detail=False) if ".tmp-" in posixpath.basename(p)):
+        try:
+            fs.rm(path)
+        except FileNotFoundError:  # its writer renamed it meanwhile (a stale writer of a killed run)
+            continue
+        removed.append(path)
+    return removed
+
+
 def drop_incomplete(fs: fsspec.AbstractFileSystem, directory: str) -> tuple[list[str], list[str]]:
     """Delete files a crash left unfinished (unreadable footers, stray temporaries).
 
     Returns (complete files, deleted files).
     """
-    complete, deleted = [], []
-    fs.invalidate_cache(directory)
+    complete, deleted = [], drop_temporaries(fs, directory)
     if not fs.exists(directory):
         return complete, deleted
     for path in sorted(fs.ls(directory, detail=False)):
         name = posixpath.basename(path)
-        if ".tmp-" in name:
-            fs.rm(path)
-            deleted.append(path)
-            continue
         if not name.endswith(".parquet"):
             continue
         try:
@@ -366,6 +377,9 @@ def collect_outputs(output_url: str, good_dir: str, reject_dir: str, expected: I
     one result or reject row. Reject files named in `skip` are not per-row results (a table of TSV-row
     rejects): they are listed and counted, not checked."""
     fs, root = filesystem(output_url)
+    for sub in (good_dir, reject_dir):  # every writer has returned: a temporary left now is a killed one's
+        for path in drop_temporaries(fs, join(root, sub)):
+            log.warning("removed %s, left by a writer that was killed mid-write (its task ran again)", path)
 
     def listing() -> tuple[list[str], list[str], list[str]]:
         good = parquet_files(fs, join(root, good_dir))

@@ -270,11 +270,18 @@ class EvalConfig:
 
 @dataclass
 class ClusterConfig:
-    """What the stages do when they ask the Ray cluster for resources (pipeline/resources.py)."""
+    """What the stages do when they ask the Ray cluster for resources, and when a process of theirs dies
+    (pipeline/resources.py). -1 retries or restarts without end."""
 
     # A request no set of the current nodes can hold fails at once; on an autoscaling cluster (`ray up`, or
     # DIVA_AUTOSCALING=1) it waits this long for nodes to appear first.
     autoscaler_timeout_s: float = 900.0
+    # A Ray Data task whose worker process dies (the OOM killer, a lost node) runs again up to this many times;
+    # Ray Data's own default is forever, which turns a clip that kills every worker into a job that never ends.
+    task_retries: int = 3
+    # An actor-pool actor (a teacher model copy) whose process dies is restarted up to this many times, and the
+    # batches it held run again on it.
+    actor_restarts: int = 3
 
 
 @dataclass

@@ -181,6 +181,7 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
     import ray
 
     from pipeline.builders import check_features
+    from pipeline.resources import task_retries
 
     check_features(cfg)  # before any work: the features must be the ones the run's Whisper reads
     t0 = time.time()
@@ -225,11 +226,12 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
         ctx = ray.data.DataContext.get_current()
         reserving, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
         try:
+            retries = task_retries(cfg.cluster)  # a task whose worker dies runs again
             ds = ray.data.from_arrow(blocks).map_batches(
-                featurize, batch_size=pcfg.batch_size, batch_format="pyarrow", num_cpus=1)
+                featurize, batch_size=pcfg.batch_size, batch_format="pyarrow", num_cpus=1, **retries)
             # Other resources than the map's keep Ray Data from fusing featurize into the write:
             # fused, `rows_per_file` rows would be bundled *before* decoding, into one serial task.
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5, **retries})
         finally:
             ctx.op_resource_reservation_enabled = reserving
 

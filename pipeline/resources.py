@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pipeline import PipelineError
 
@@ -86,3 +87,16 @@ def _message(per_unit: Mapping[str, float], units: int, nodes: list[dict[str, fl
         ", and it cannot add nodes"
     return (f"{what} asks for {units} x [{asked}], which this cluster can never give: {why}{after}. "
             f"The cluster's nodes have: {have}. Change {change}.")
+
+
+def task_retries(cluster: Any) -> dict[str, int]:
+    """Ray remote args of a Ray Data map or write task: run it again, up to `cluster.task_retries` times, when its
+    worker process dies. An exception the task raises is not retried (a corrupt file fails at once). A rerun gives
+    the same output: the work is deterministic and a file is published whole (cache.split_sink)."""
+    return {"max_retries": cluster.task_retries}
+
+
+def actor_restarts(cluster: Any) -> dict[str, int]:
+    """Ray remote args of an actor pool's actors: restart a dead actor's process, up to `cluster.actor_restarts`
+    times, and rerun the batches it held (written explicitly: Ray Data's defaults for both are unbounded)."""
+    return {"max_restarts": cluster.actor_restarts, "max_task_retries": cluster.actor_restarts}

@@ -384,6 +384,7 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
     import ray
 
     from pipeline.builders import check_features
+    from pipeline.resources import actor_restarts, task_retries
 
     require_actors(cfg)  # first: a request the cluster can never meet fails in seconds, before any other work
     check_features(cfg)  # the run this cache is for must be able to read its mels
@@ -416,10 +417,11 @@ def run_teacher(cfg: Any, mels_url: str, output_url: str, *, overwrite: bool = F
         ds = ray.data.from_arrow(blocks).map_batches(
             TargetWorker, fn_constructor_kwargs={"tcfg": tcfg, "template_fingerprint": template.fingerprint()},
             batch_size=tcfg.rows_per_call, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors), **actor_resources(tcfg))
+            compute=ray.data.ActorPoolStrategy(size=tcfg.num_actors), **actor_resources(tcfg),
+            **actor_restarts(cfg.cluster))  # a dead actor is restarted and reruns its batches
         ds.write_datasink(cache.split_sink(output_url, plan["run_id"], tcfg.rows_per_file, TARGETS_DIR,
                                            targets_schema(tcfg.top_k, tcfg.response_tokens), REJECTS_DIR,
-                                           REJECTS_SCHEMA))
+                                           REJECTS_SCHEMA), ray_remote_args=task_retries(cfg.cluster))
     manifest = _finalize(output_url, plan, spec, tcfg, rows)
     c = manifest["counts"]
     log.info("teacher: %d targets, %d rejects %s in %d files; %.1f s", c["targets"], c["rejects"],
