@@ -65,6 +65,12 @@ def wandb_summary(records: list[dict]) -> tuple[dict, dict[int, dict[str, float]
     return {k: v for k, v in config.items() if k != "_wandb"}, steps, exit_code
 
 
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the module's runs (creating its tables takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
 def log_steps(tracker: tracking.Tracker, steps: list[tuple[int, dict[str, float]]]) -> None:
     for step, metrics in steps:
         tracker.log(step, metrics)
@@ -126,11 +132,12 @@ def test_wandb_online_without_an_api_key_says_how_to_give_one(monkeypatch, tmp_p
 # --- the trackers, read back -----------------------------------------------------------------------------
 
 
-def test_mlflow_holds_the_config_and_every_logged_step(tmp_path):
+def test_mlflow_holds_the_config_and_every_logged_step(mlflow_store, tmp_path):
     """Params = the flattened config, logged once; each metric's history = the JSONL log. A resubmission (another
     stop_at_step) goes on in the same run; the run ends FINISHED, KILLED (preempted) or FAILED."""
     out = tmp_path / "run"
-    cfg = load_config("tiny", ["train.loggers=[jsonl,tensorboard,mlflow]"])
+    store = f"train.mlflow.tracking_uri={mlflow_store}"
+    cfg = load_config("tiny", ["train.loggers=[jsonl,tensorboard,mlflow]", store])
     with tracking.open_tracker(cfg, str(out), cfg.to_dict()) as tracker:
         log_steps(tracker, STEPS[:2])
         tracker.outcome = "preempted"
@@ -142,7 +149,7 @@ def test_mlflow_holds_the_config_and_every_logged_step(tmp_path):
     assert mlflow_steps(client, run) == read_jsonl(out) == dict(STEPS[:2])
     assert list(out.glob("logs/events.out.tfevents.*"))
 
-    resubmitted = load_config("tiny", ["train.loggers=[jsonl,tensorboard,mlflow]", "train.stop_at_step=3"])
+    resubmitted = load_config("tiny", ["train.loggers=[jsonl,tensorboard,mlflow]", store, "train.stop_at_step=3"])
     with tracking.open_tracker(resubmitted, str(out), resubmitted.to_dict()) as tracker:
         log_steps(tracker, STEPS[2:])
     client, again = mlflow_run(out)
@@ -183,7 +190,7 @@ def test_wandb_offline_holds_the_config_and_every_logged_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_training_run_logs_to_every_tracker(ray_local, prepared_mels, teacher_cache, tmp_path):
+def test_a_training_run_logs_to_every_tracker(ray_local, prepared_mels, teacher_cache, mlflow_store, tmp_path):
     """A 2-step run on the session's Ray with all four loggers: MLflow and W&B hold the JSONL log's steps and
     names, and the config the run was given."""
     from pipeline.train import run_training
@@ -191,7 +198,8 @@ def test_a_training_run_logs_to_every_tracker(ray_local, prepared_mels, teacher_
     out = tmp_path / "run"
     cfg = load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=4", "train.steps=2",
                                "train.log_every=1", "train.checkpoint_every=2",
-                               "train.loggers=[jsonl,tensorboard,mlflow,wandb]", "train.wandb.mode=offline"])
+                               "train.loggers=[jsonl,tensorboard,mlflow,wandb]", "train.wandb.mode=offline",
+                               f"train.mlflow.tracking_uri={mlflow_store}"])
     run_training(cfg, str(prepared_mels), str(teacher_cache), str(out))
     logged = read_jsonl(out)
     assert sorted(logged) == [1, 2] and {"loss", "distill", "align", "lr", "examples_per_s"} <= set(logged[1])
