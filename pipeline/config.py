@@ -32,6 +32,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 StoreDtype = Literal["bfloat16", "float16"]
 TrainablePart = Literal["queries", "qformer", "projection"]
 Layout = Literal["auto", "commonvoice", "hf_parquet", "jsonl"]
+Logger = Literal["jsonl", "tensorboard", "mlflow", "wandb"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,29 @@ class XlaConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """`mlflow` in train.loggers (pipeline/tracking.py): where rank 0 records the run."""
+
+    # http(s)://host:5000, databricks, sqlite:////abs/path.db, ...; None: the driver's $MLFLOW_TRACKING_URI,
+    # else a SQLite store at <output>/logs/mlflow.db (a local --output only).
+    tracking_uri: str | None = None
+    experiment: str = "diva"  # created when missing
+    run_name: str | None = None  # None: the --output directory's name
+
+
+@dataclass
+class WandbConfig:
+    """`wandb` in train.loggers (pipeline/tracking.py): the Weights & Biases run rank 0 logs to."""
+
+    project: str = "diva"
+    entity: str | None = None  # None: the API key's default entity
+    group: str | None = None
+    run_name: str | None = None  # None: the --output directory's name
+    # online needs WANDB_API_KEY on the training workers; offline writes <output>/logs/wandb/ (`wandb sync` later).
+    mode: Literal["online", "offline"] = "online"
+
+
+@dataclass
 class TrainConfig:
     """Stage 3: the optimisation (the paper's: AdamW 5e-5, wd 0.1, 1% warmup, cosine to 0, batch 512)."""
 
@@ -223,6 +247,19 @@ class TrainConfig:
     cache_encoder: bool = False
     encoder_cache_mb: float = 4096.0
     xla: XlaConfig = field(default_factory=XlaConfig)
+    # Where rank 0 logs each logged step (pipeline/tracking.py): jsonl (<output>/logs/metrics.jsonl, which jobs.plot
+    # and the report read: always on), tensorboard (<output>/logs), and the optional extras mlflow and wandb
+    # (pip install 'diva-ray[mlflow]' / 'diva-ray[wandb]'; settings under train.mlflow.* and train.wandb.*).
+    loggers: list[Logger] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if "jsonl" not in self.loggers:
+            raise ConfigError(f"train.loggers={self.loggers} must include 'jsonl': jobs.plot and the training report "
+                              "read <output>/logs/metrics.jsonl")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers={self.loggers} names a logger twice")
 
 
 @dataclass

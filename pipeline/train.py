@@ -10,7 +10,6 @@ never runs here: its targets come from the stage-2 cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cache, layout
+from pipeline import cache, layout, tracking
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, from_dict
 from pipeline.step import accumulation, lr_at, make_optimizer, train_step
@@ -41,32 +40,6 @@ def micro_batches(shard: Any, collate: Any, micro: int, state: ckpt.TrainState) 
             if i >= skip:
                 yield epoch, i, batch
         epoch, skip = epoch + 1, 0
-
-
-class MetricsLog:
-    """Rank 0's JSONL + TensorBoard logs, under <output>/logs (copied there if the output is remote)."""
-
-    def __init__(self, output_url: str):
-        self.fs, root = cache.filesystem(output_url)
-        self.remote = not cache.is_local(self.fs)
-        self.local = tempfile.mkdtemp(prefix="diva-logs-") if self.remote else os.path.join(root, layout.LOGS_DIR)
-        self.target = cache.join(root, layout.LOGS_DIR)
-        os.makedirs(self.local, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(self.local)
-        self.jsonl = open(os.path.join(self.local, layout.METRICS_FILE), "a")
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-
-    def sync(self) -> None:
-        self.tb.flush()
-        if self.remote:
-            self.fs.put(self.local + "/", self.target, recursive=True)
 
 
 def build(cfg: Config, backend: Any) -> tuple[Any, torch.optim.Optimizer]:
@@ -100,14 +73,13 @@ def resume(backend: Any, model: Any, optimizer: torch.optim.Optimizer, rank: int
 
 
 def save(backend: Any, model: Any, optimizer: torch.optim.Optimizer, state: ckpt.TrainState, recorded: dict,
-         metrics: dict[str, float], metrics_log: MetricsLog | None) -> None:
+         metrics: dict[str, float], tracker: tracking.Tracker) -> None:
     """A checkpoint through the backend, reported to Ray Train with the step's metrics."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         mine = backend.save(d, model, optimizer, state, recorded)
-        if metrics_log:
-            metrics_log.sync()
+        tracker.sync()
         ray.train.report(metrics | {"step": state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(d) if mine else None)
 
@@ -189,37 +161,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        align_side=tcfg.align_side)
     align_only = dataclasses.replace(loss_fn, w_distill=0.0, w_kl=0.0, w_align=tcfg.w_align or 1.0)
     accum = accumulation(tcfg, world)
-    metrics_log = MetricsLog(config["output"]) if rank == 0 else None
+    # Rank 0 logs (pipeline/tracking.py); its trackers end with the run: finished, preempted or failed.
+    tracker = tracking.open_tracker(cfg, config["output"], config["cfg"]) if rank == 0 else tracking.Tracker()
     model.train()
     t_last, examples = time.perf_counter(), 0
-    for step in range(state.step, end):
-        micro = [next(batches) for _ in range(accum)]
-        lr = lr_at(step, tcfg)
-        result = train_step(model, [b for _, _, b in micro], align_only if step < tcfg.align_only_steps else loss_fn,
-                            optimizer, backend, lr=lr, grad_clip=tcfg.grad_clip)
-        examples += tcfg.global_batch_size
-        state = ckpt.TrainState(step=step + 1, epoch=micro[-1][0], batch_in_epoch=micro[-1][1] + 1)
-        stop = any_worker(_sigterm.is_set(), world) and state.step < end  # every rank stops at the same step
-        last = state.step == end or stop
-        log_now = state.step % tcfg.log_every == 0 or last or step == 0
-        save_now = state.step % tcfg.checkpoint_every == 0 or last
-        if not (log_now or save_now):
-            continue  # reading device values waits for the device: only to log or save
-        metrics = step_metrics(result, accum, lr, tcfg) | backend.metrics()
-        if log_now:
-            now = time.perf_counter()
-            metrics["examples_per_s"] = examples / max(now - t_last, 1e-9)
-            t_last, examples = now, 0
-            if metrics_log:
-                metrics_log.write(state.step, metrics)
-                log.info("step %d/%d %s", state.step, tcfg.steps, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if save_now:
-            save(backend, model, optimizer, state, config["cfg"], metrics | ({"preempted": 1} if stop else {}),
-                 metrics_log)
-        if stop:
-            log.warning("rank %d: SIGTERM%s: stopped at step %d of %d, checkpoint saved", rank,
-                        "" if _sigterm.is_set() else " to another worker", state.step, end)
-            return
+    with tracker:
+        for step in range(state.step, end):
+            micro = [next(batches) for _ in range(accum)]
+            lr = lr_at(step, tcfg)
+            result = train_step(model, [b for _, _, b in micro],
+                                align_only if step < tcfg.align_only_steps else loss_fn,
+                                optimizer, backend, lr=lr, grad_clip=tcfg.grad_clip)
+            examples += tcfg.global_batch_size
+            state = ckpt.TrainState(step=step + 1, epoch=micro[-1][0], batch_in_epoch=micro[-1][1] + 1)
+            stop = any_worker(_sigterm.is_set(), world) and state.step < end  # every rank stops at the same step
+            last = state.step == end or stop
+            log_now = state.step % tcfg.log_every == 0 or last or step == 0
+            save_now = state.step % tcfg.checkpoint_every == 0 or last
+            if not (log_now or save_now):
+                continue  # reading device values waits for the device: only to log or save
+            metrics = step_metrics(result, accum, lr, tcfg) | backend.metrics()
+            if log_now:
+                now = time.perf_counter()
+                metrics["examples_per_s"] = examples / max(now - t_last, 1e-9)
+                t_last, examples = now, 0
+                if rank == 0:
+                    tracker.log(state.step, metrics)
+                    log.info("step %d/%d %s", state.step, tcfg.steps,
+                             " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if save_now:
+                save(backend, model, optimizer, state, config["cfg"], metrics | ({"preempted": 1} if stop else {}),
+                     tracker)
+            if stop:
+                log.warning("rank %d: SIGTERM%s: stopped at step %d of %d, checkpoint saved", rank,
+                            "" if _sigterm.is_set() else " to another worker", state.step, end)
+                tracker.outcome = "preempted"
+                return
 
 
 def step_metrics(result: Any, micro_batches: int, lr: float, tcfg: Any) -> dict[str, float]:
@@ -256,6 +233,7 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
 
     trainer_cls, scaling = trainer_and_scaling(cfg.train)
     require_workers(cfg, scaling)  # first: a request the cluster can never meet fails in seconds
+    tracked = tracking.for_workers(cfg, output_url)  # the loggers' packages, the MLflow URI
     check_features(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
     expect = target_spec(cfg.teacher, tokenizer, derive_template(tokenizer, cfg.teacher.system_prompt))
@@ -283,7 +261,7 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
         train_loop_per_worker,
         # The run's config as given (what checkpoints record), and with local model directories made
         # absolute for the workers, whose working directory is not the driver's.
-        train_loop_config={"cfg": cfg.to_dict(), "worker_cfg": config_for_workers(cfg).to_dict(),
+        train_loop_config={"cfg": cfg.to_dict(), "worker_cfg": config_for_workers(tracked).to_dict(),
                            "output": output_url, "target_dtype": expect["target_dtype"],
                            "threads": max(1, (os.cpu_count() or 1) // tcfg.num_workers)},
         scaling_config=scaling,

