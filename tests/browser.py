@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -67,7 +68,9 @@ class Chromium:
         self._ids = itertools.count(1)
         self.events: list[dict[str, Any]] = []
         try:
-            self.ws = connect(self._browser_url(), max_size=None, proxy=None, open_timeout=timeout)
+            self._stack = contextlib.ExitStack()
+            self.ws = self._stack.enter_context(connect(self._browser_url(), max_size=None, proxy=None,
+                                                        open_timeout=timeout))
             target = self._send("Target.createTarget", {"url": "about:blank"})["targetId"]
             self.session = self._send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for domain in ("Page", "Runtime", "DOM"):
@@ -231,7 +234,7 @@ class Chromium:
                 self._send("Browser.close", timeout=5)
             except Exception:  # already gone: fall through to terminate
                 pass
-            ws.close()
+            self._stack.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -250,8 +253,9 @@ class Chromium:
 
 
 def ask_on_page(browser: Chromium, url: str, clip: str | os.PathLike[str], instruction: str | None = None,
-                timeout: float = 120.0) -> dict[str, Any]:
-    """Open the page, upload `clip`, type the instruction, press Ask, wait for the end of the answer.
+                max_tokens: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """Open the page, upload `clip`, type the instruction (and set Max tokens), press Ask, wait for the end of
+    the answer.
 
     Returns the final state, the answer text, the text of each appended chunk (the page appends one text node
     per streamed delta), the error shown (if any) and the page's uncaught errors."""
@@ -260,6 +264,8 @@ def ask_on_page(browser: Chromium, url: str, clip: str | os.PathLike[str], instr
     browser.wait_until("!document.getElementById('ask').disabled")
     if instruction:
         browser.type_text("#instruction", instruction)
+    if max_tokens is not None:
+        browser.evaluate(f"document.getElementById('max-tokens').value = '{int(max_tokens)}'")
     browser.click("#ask")
     browser.wait_until("document.getElementById('answer').dataset.state !== 'idle'")
     state = browser.wait_answer(timeout)

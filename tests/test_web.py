@@ -1,0 +1,160 @@
+"""The web page (pipeline/web/) in a real headless Chromium against the real Ray Serve application (what
+`python -m jobs.serve` runs): a fixture clip uploaded through the page's file input answers with exactly the
+endpoint's greedy answer, appended chunk by chunk as the server streams it; a recording from Chromium's fake
+microphone is sent as a 16 kHz mono 16-bit WAV and answered as the endpoint answers that WAV; the server's error
+for a clip over 30 s is shown on the page.
+
+The browser is Debian's `chromium`, driven through the DevTools protocol (tests/browser.py); without it the
+tests skip (.ci/run installs it)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from browser import Chromium, ask_on_page, chromium_binary
+from helpers import write_checkpoint
+
+from pipeline.config import load_config
+from pipeline.export import export_checkpoint
+from pipeline.model import build_student
+
+pytestmark = pytest.mark.skipif(chromium_binary() is None,
+                                reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIPS = ROOT / "tests" / "fixtures" / "commonvoice" / "clips"
+CLIP = CLIPS / "common_voice_en_18327603.mp3"
+LONG_CLIP = CLIPS / "common_voice_en_39243377.mp3"  # 33.2 s: the server refuses it
+INSTRUCTION = "Reply briefly, like a pirate."
+MAX_TOKENS = 32  # the page's "Max tokens" field and the direct request's max_tokens: short answers, quick tests
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny export whose trainable weights are nudged off their initialisation (answers of several tokens)."""
+    cfg = load_config("tiny")
+    model = build_student(cfg)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    run = tmp_path_factory.mktemp("web-run")
+    write_checkpoint(run / "train" / "checkpoint_2025-01-01_10-00-00.000001", model, cfg, step=3)
+    return Path(export_checkpoint(str(run), str(tmp_path_factory.mktemp("web-export") / "model")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, model_dir):
+    """The application as jobs.serve starts it (pipeline.serve.application on Ray Serve), on the session Ray,
+    127.0.0.1 and a free port; its base URL. Shut down after the module."""
+    from ray import serve
+
+    from pipeline.serve import application
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(application(str(model_dir), load_config("tiny")), name="diva", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0,
+                    http_client=httpx.Client(trust_env=False, timeout=120))
+    return client
+
+
+@pytest.fixture(scope="module")
+def model_name(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with Chromium() as b:
+        yield b
+
+
+def messages(audio: bytes, fmt: str, instruction: str | None = None) -> list[dict]:
+    content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": fmt}}]
+    if instruction:
+        content.append({"type": "text", "text": instruction})
+    return [{"role": "user", "content": content}]
+
+
+def endpoint_answer(client, model_name, audio: bytes, fmt: str, instruction: str | None = None) -> tuple[str, list]:
+    """The endpoint's greedy answer, non-streamed, and its streamed deltas (the non-empty ones)."""
+    msgs = messages(audio, fmt, instruction)
+    whole = client.chat.completions.create(model=model_name, messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
+    stream = client.chat.completions.create(model=model_name, messages=msgs, temperature=0, max_tokens=MAX_TOKENS,
+                                            stream=True)
+    deltas = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    return whole.choices[0].message.content, deltas
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instruction", [INSTRUCTION, None], ids=["instruction", "no-instruction"])
+def test_uploaded_clip_is_answered_as_the_endpoint_answers_it(server, client, model_name, browser, instruction):
+    page = ask_on_page(browser, f"{server}/", CLIP, instruction, max_tokens=MAX_TOKENS)
+    expected, deltas = endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3", instruction)
+    assert page["state"] == "done", page
+    assert page["error"] is None and page["page_errors"] == []
+    assert expected and page["text"] == expected
+    # Streamed onto the page: one text node appended per streamed delta, the same pieces the server streams.
+    assert page["chunks"] == deltas and len(deltas) > 1
+
+
+@pytest.mark.slow
+def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_name, browser):
+    """Chromium's fake microphone (a beep): Record, Stop, Ask; the WAV the page made is a 16 kHz mono 16-bit
+    file, and the page's answer is the endpoint's answer to that very file."""
+    browser.open(f"{server}/")
+    browser.evaluate(f"document.getElementById('max-tokens').value = '{MAX_TOKENS}'")
+    browser.click("#record")
+    browser.wait_until("document.getElementById('record').getAttribute('aria-pressed') === 'true'")
+    browser.wait_until("/Recording… [3-9]/.test(document.getElementById('record-status').textContent)", 30)
+    browser.click("#record")
+    browser.wait_until("!document.getElementById('ask').disabled", 30)
+    wav = base64.b64decode(browser.evaluate("""fetch(document.getElementById("preview").src)
+      .then((r) => r.blob()).then((b) => new Promise((ok) => {
+        const f = new FileReader(); f.onload = () => ok(f.result.split(",")[1]); f.readAsDataURL(b); }))"""))
+    info = sf.info(io.BytesIO(wav))
+    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 16000, 1)
+    assert 1.0 < info.duration < 30
+    browser.click("#ask")
+    browser.wait_until("document.getElementById('answer').dataset.state !== 'idle'")
+    assert browser.wait_answer(120) == "done"
+    text = browser.evaluate("document.getElementById('answer').textContent")
+    expected, _ = endpoint_answer(client, model_name, wav, "wav")
+    assert expected and text == expected
+    assert browser.page_errors() == []
+
+
+@pytest.mark.slow
+def test_the_servers_error_is_shown_on_the_page(server, client, model_name, browser):
+    """A clip over 30 s: the endpoint's 400 and its message appear in the page's alert, and no answer."""
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as info:
+        client.chat.completions.create(model=model_name, messages=messages(LONG_CLIP.read_bytes(), "mp3"))
+    message = info.value.body["message"]
+    page = ask_on_page(browser, f"{server}/", LONG_CLIP)
+    assert page["state"] == "error" and page["text"] == ""
+    assert page["error"] == f"The request failed: 400: {message}"
+    assert "too long" in message and page["page_errors"] == []
