@@ -17,7 +17,7 @@
     form: $("ask-form"), record: $("record"), recordStatus: $("record-status"), file: $("file"),
     preview: $("preview"), clipStatus: $("clip-status"), instruction: $("instruction"),
     temperature: $("temperature"), maxTokens: $("max-tokens"), ask: $("ask"), stop: $("stop"),
-    error: $("error"), answer: $("answer"), answerStatus: $("answer-status"),
+    error: $("error"), answer: $("answer"), answerStatus: $("answer-status"), modelStatus: $("model-status"),
   };
 
   let clip = null; // {blob, format, label}
@@ -284,10 +284,13 @@
   async function loadModel() {
     try {
       const res = await fetch(MODELS);
-      if (!res.ok) return;
+      if (!res.ok) throw new Error(await errorMessage(res));
       const list = await res.json();
       if (list.data && list.data.length) model = list.data[0].id;
-    } catch { /* the server names no model: send none */ }
+      el.modelStatus.textContent = model ? `Model: ${model}` : "Model: the server lists none";
+    } catch (err) { // the server names no model: send none (its error, if any, says what it wants)
+      el.modelStatus.textContent = `Model: not listed (${err.message})`;
+    }
   }
 
   el.file.addEventListener("change", onFile);
