@@ -118,6 +118,8 @@ def test_uploaded_clip_is_answered_as_the_endpoint_answers_it(server, client, mo
     assert expected and page["text"] == expected
     # Streamed onto the page: one text node appended per streamed delta, the same pieces the server streams.
     assert page["chunks"] == deltas and len(deltas) > 1
+    if instruction:  # the instruction reached the server: without it the model answers otherwise
+        assert endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3")[0] != expected
 
 
 @pytest.mark.slow
