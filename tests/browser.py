@@ -253,9 +253,9 @@ class Chromium:
 
 
 def ask_on_page(browser: Chromium, url: str, clip: str | os.PathLike[str], instruction: str | None = None,
-                max_tokens: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
-    """Open the page, upload `clip`, type the instruction (and set Max tokens), press Ask, wait for the end of
-    the answer.
+                settings: dict[str, Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """Open the page, upload `clip`, type the instruction, fill the generation settings (`settings`: field id ->
+    value, e.g. {"max-tokens": 32, "temperature": 0.8, "seed": 7}), press Ask, wait for the end of the answer.
 
     Returns the final state, the answer text, the text of each appended chunk (the page appends one text node
     per streamed delta), the error shown (if any) and the page's uncaught errors."""
@@ -264,8 +264,8 @@ def ask_on_page(browser: Chromium, url: str, clip: str | os.PathLike[str], instr
     browser.wait_until("!document.getElementById('ask').disabled")
     if instruction:
         browser.type_text("#instruction", instruction)
-    if max_tokens is not None:
-        browser.evaluate(f"document.getElementById('max-tokens').value = '{int(max_tokens)}'")
+    for field, value in (settings or {}).items():
+        browser.evaluate(f"document.getElementById({json.dumps(field)}).value = {json.dumps(str(value))}")
     browser.click("#ask")
     browser.wait_until("document.getElementById('answer').dataset.state !== 'idle'")
     state = browser.wait_answer(timeout)

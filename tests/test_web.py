@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import socket
 from pathlib import Path
 
@@ -98,28 +99,59 @@ def messages(audio: bytes, fmt: str, instruction: str | None = None) -> list[dic
     return [{"role": "user", "content": content}]
 
 
-def endpoint_answer(client, model_name, audio: bytes, fmt: str, instruction: str | None = None) -> tuple[str, list]:
-    """The endpoint's greedy answer, non-streamed, and its streamed deltas (the non-empty ones)."""
-    msgs = messages(audio, fmt, instruction)
-    whole = client.chat.completions.create(model=model_name, messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
-    stream = client.chat.completions.create(model=model_name, messages=msgs, temperature=0, max_tokens=MAX_TOKENS,
-                                            stream=True)
+def endpoint_answer(client, model_name, audio: bytes, fmt: str, instruction: str | None = None,
+                    temperature: float = 0.0, seed: int | None = None) -> tuple[str, list[str], dict[str, int]]:
+    """The endpoint's own answer (greedy by default), non-streamed, its streamed deltas (the non-empty ones) and
+    the non-streamed answer's usage counts."""
+    options = {"model": model_name, "messages": messages(audio, fmt, instruction), "temperature": temperature,
+               "max_tokens": MAX_TOKENS, "seed": seed}
+    whole = client.chat.completions.create(**options)
+    stream = client.chat.completions.create(**options, stream=True)
     deltas = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-    return whole.choices[0].message.content, deltas
+    usage = {"prompt_tokens": whole.usage.prompt_tokens, "completion_tokens": whole.usage.completion_tokens}
+    return whole.choices[0].message.content, deltas, usage
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("instruction", [INSTRUCTION, None], ids=["instruction", "no-instruction"])
-def test_uploaded_clip_is_answered_as_the_endpoint_answers_it(server, client, model_name, browser, instruction):
-    page = ask_on_page(browser, f"{server}/", CLIP, instruction, max_tokens=MAX_TOKENS)
-    expected, deltas = endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3", instruction)
+def shown_usage(status: str) -> dict[str, int]:
+    """The token counts the page shows under the answer ("...: 46 prompt tokens, 32 answer tokens ...")."""
+    match = re.search(r"(\d+) prompt tokens, (\d+) answer tokens", status)
+    assert match, status
+    return {"prompt_tokens": int(match[1]), "completion_tokens": int(match[2])}
+
+
+def assert_page_answer(page: dict, expected: str, deltas: list[str], usage: dict[str, int]) -> None:
     assert page["state"] == "done", page
     assert page["error"] is None and page["page_errors"] == []
     assert expected and page["text"] == expected
     # Streamed onto the page: one text node appended per streamed delta, the same pieces the server streams.
     assert page["chunks"] == deltas and len(deltas) > 1
-    if instruction:  # the instruction reached the server: without it the model answers otherwise
-        assert endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3")[0] != expected
+    assert shown_usage(page["status"]) == usage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instruction", [INSTRUCTION, None], ids=["instruction", "no-instruction"])
+def test_uploaded_clip_is_answered_as_the_endpoint_answers_it(server, client, model_name, browser, instruction):
+    """Greedy (the page's default temperature 0): the page's answer is the endpoint's greedy answer, and the
+    prompt it counts is the one with the instruction in it (more tokens than without)."""
+    page = ask_on_page(browser, f"{server}/", CLIP, instruction, {"max-tokens": MAX_TOKENS})
+    expected, deltas, usage = endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3", instruction)
+    assert_page_answer(page, expected, deltas, usage)
+    if instruction:
+        plain = endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3")[2]
+        assert usage["prompt_tokens"] > plain["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_sampling_settings_reach_the_endpoint(server, client, model_name, browser):
+    """Temperature and seed from the page's settings: the same sampled answer as the endpoint's for that seed
+    (a varied one: the tiny random model's greedy answer repeats one token)."""
+    settings = {"max-tokens": MAX_TOKENS, "temperature": 1.0, "seed": 7}
+    page = ask_on_page(browser, f"{server}/", CLIP, INSTRUCTION, settings)
+    expected, deltas, usage = endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3", INSTRUCTION, 1.0, 7)
+    assert_page_answer(page, expected, deltas, usage)
+    assert len(set(deltas)) > 1
+    greedy = endpoint_answer(client, model_name, CLIP.read_bytes(), "mp3", INSTRUCTION)[0]
+    assert expected != greedy
 
 
 @pytest.mark.slow
@@ -143,7 +175,7 @@ def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_na
     browser.wait_until("document.getElementById('answer').dataset.state !== 'idle'")
     assert browser.wait_answer(120) == "done"
     text = browser.evaluate("document.getElementById('answer').textContent")
-    expected, _ = endpoint_answer(client, model_name, wav, "wav")
+    expected = endpoint_answer(client, model_name, wav, "wav")[0]
     assert expected and text == expected
     assert browser.page_errors() == []
 

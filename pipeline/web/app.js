@@ -16,7 +16,7 @@
   const el = {
     form: $("ask-form"), record: $("record"), recordStatus: $("record-status"), file: $("file"),
     preview: $("preview"), clipStatus: $("clip-status"), instruction: $("instruction"),
-    temperature: $("temperature"), maxTokens: $("max-tokens"), ask: $("ask"), stop: $("stop"),
+    temperature: $("temperature"), maxTokens: $("max-tokens"), seed: $("seed"), ask: $("ask"), stop: $("stop"),
     error: $("error"), answer: $("answer"), answerStatus: $("answer-status"), modelStatus: $("model-status"),
   };
 
@@ -163,13 +163,15 @@
     const content = [{ type: "input_audio", input_audio: { data: await base64(clip.blob), format: clip.format } }];
     const instruction = el.instruction.value.trim();
     if (instruction) content.push({ type: "text", text: instruction });
-    const body = { messages: [{ role: "user", content }], stream: true };
+    const body = { messages: [{ role: "user", content }], stream: true, stream_options: { include_usage: true } };
     await modelReady;
     if (model) body.model = model;
     const temperature = parseFloat(el.temperature.value);
     if (Number.isFinite(temperature)) body.temperature = temperature;
     const maxTokens = parseInt(el.maxTokens.value, 10);
     if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
+    const seed = parseInt(el.seed.value, 10);
+    if (Number.isFinite(seed)) body.seed = seed;
     return body;
   }
 
@@ -208,14 +210,17 @@
     };
   }
 
+  /** Appends the streamed answer to the page; {finish, usage} (usage: the last chunk's, as include_usage asks). */
   async function stream(res) {
     let done = false;
     let finish = null;
+    let usage = null;
     const feed = sseParser((data) => {
       if (done) return;
       if (data === "[DONE]") { done = true; return; }
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+      if (chunk.usage) usage = chunk.usage;
       const choice = (chunk.choices || [])[0];
       if (!choice) return;
       if (choice.delta && choice.delta.content) el.answer.append(choice.delta.content);
@@ -228,7 +233,7 @@
       feed(value);
     }
     if (!done) throw new Error("the answer stream ended before the server finished it");
-    return finish;
+    return { finish, usage };
   }
 
   function setState(state, status) {
@@ -258,10 +263,11 @@
         body: JSON.stringify(await requestBody()), signal: controller.signal,
       });
       if (!res.ok) throw new Error(await errorMessage(res));
-      const finish = await stream(res);
+      const { finish, usage } = await stream(res);
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
+      const tokens = usage ? `: ${usage.prompt_tokens} prompt tokens, ${usage.completion_tokens} answer tokens` : "";
       const note = finish === "length" ? " (stopped at the max tokens limit)" : "";
-      setState("done", `Answered in ${seconds} s${note}.`);
+      setState("done", `Answered in ${seconds} s${tokens}${note}.`);
     } catch (err) {
       if (err.name === "AbortError") {
         setState("stopped", "Stopped.");
