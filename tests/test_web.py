@@ -154,6 +154,16 @@ def test_sampling_settings_reach_the_endpoint(server, client, model_name, browse
     assert expected != greedy
 
 
+def page_wav(browser) -> bytes:
+    """The audio the page will send, as it holds it (its preview player's blob)."""
+    wav = base64.b64decode(browser.evaluate("""fetch(document.getElementById("preview").src)
+      .then((r) => r.blob()).then((b) => new Promise((ok) => {
+        const f = new FileReader(); f.onload = () => ok(f.result.split(",")[1]); f.readAsDataURL(b); }))"""))
+    info = sf.info(io.BytesIO(wav))
+    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 16000, 1)
+    return wav
+
+
 @pytest.mark.slow
 def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_name, browser):
     """Chromium's fake microphone (a beep): Record, Stop, Ask; the WAV the page made is a 16 kHz mono 16-bit
@@ -161,16 +171,12 @@ def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_na
     browser.open(f"{server}/")
     browser.evaluate(f"document.getElementById('max-tokens').value = '{MAX_TOKENS}'")
     browser.click("#record")
-    browser.wait_until("document.getElementById('record').getAttribute('aria-pressed') === 'true'")
+    browser.wait_until("'recording' in document.getElementById('record').dataset")
     browser.wait_until("/Recording… [3-9]/.test(document.getElementById('record-status').textContent)", 30)
     browser.click("#record")
     browser.wait_until("!document.getElementById('ask').disabled", 30)
-    wav = base64.b64decode(browser.evaluate("""fetch(document.getElementById("preview").src)
-      .then((r) => r.blob()).then((b) => new Promise((ok) => {
-        const f = new FileReader(); f.onload = () => ok(f.result.split(",")[1]); f.readAsDataURL(b); }))"""))
-    info = sf.info(io.BytesIO(wav))
-    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 16000, 1)
-    assert 1.0 < info.duration < 30
+    wav = page_wav(browser)
+    assert 1.0 < sf.info(io.BytesIO(wav)).duration < 30
     browser.click("#ask")
     browser.wait_until("document.getElementById('answer').dataset.state !== 'idle'")
     assert browser.wait_answer(120) == "done"
@@ -178,6 +184,21 @@ def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_na
     expected = endpoint_answer(client, model_name, wav, "wav")[0]
     assert expected and text == expected
     assert browser.page_errors() == []
+
+
+@pytest.mark.slow
+def test_a_format_the_endpoint_does_not_read_is_converted_to_wav(server, client, model_name, browser, tmp_path):
+    """An Ogg Vorbis upload (the endpoint takes wav/mp3/flac): the page decodes it and sends 16 kHz mono WAV of
+    the same length, answered as the endpoint answers that WAV."""
+    audio, rate = sf.read(CLIP)
+    ogg = tmp_path / "question.ogg"
+    sf.write(ogg, audio, rate, format="OGG", subtype="VORBIS")
+    page = ask_on_page(browser, f"{server}/", ogg, settings={"max-tokens": MAX_TOKENS})
+    wav = page_wav(browser)
+    assert abs(sf.info(io.BytesIO(wav)).duration - sf.info(ogg).duration) < 0.05
+    assert page["state"] == "done" and page["page_errors"] == [], page
+    assert page["text"] == endpoint_answer(client, model_name, wav, "wav")[0]
+    assert "converted to WAV" in browser.evaluate("document.getElementById('clip-status').textContent")
 
 
 @pytest.mark.slow

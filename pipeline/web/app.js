@@ -128,7 +128,7 @@
       stream.getTracks().forEach((t) => t.stop());
       recorder = null;
       el.record.textContent = "Record";
-      el.record.setAttribute("aria-pressed", "false");
+      delete el.record.dataset.recording;
       el.recordStatus.textContent = "Converting the recording to WAV…";
       try {
         const wav = await toWav(new Blob(chunks, { type: chunks[0] ? chunks[0].type : "audio/webm" }));
@@ -141,7 +141,7 @@
     };
     recorder.start(250);
     el.record.textContent = "Stop recording";
-    el.record.setAttribute("aria-pressed", "true");
+    el.record.dataset.recording = "";
   }
 
   function stopRecording() {
