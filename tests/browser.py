@@ -59,6 +59,7 @@ class Chromium:
         self.log = open(self.profile / "chromium.log", "wb")  # noqa: SIM115 (closed in close())
         args = [binary, "--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
                 "--disable-extensions", "--disable-background-networking", "--disable-sync", "--mute-audio",
+                "--disable-dev-shm-usage",  # containers (CI) often give /dev/shm only 64 MiB
                 "--hide-scrollbars", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
                 f"--window-size={width},{height}", "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream", "about:blank"]
