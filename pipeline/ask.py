@@ -64,11 +64,6 @@ def load_audio(path: str | os.PathLike[str], fcfg: FeatureConfig | None = None,
     """An audio file (local path or fsspec URL) -> the encoder input [1, n_mels, n_frames] (float32),
     as the prepare stage computes it; `checks` holds its duration and silence limits (the model
     directory records the ones training used), the longest clip capped at one window."""
-    from pipeline.prepare import featurize_clip
-
-    fcfg = fcfg or FeatureConfig()
-    checks = checks or PrepareConfig()
-    checks = dataclasses.replace(checks, max_duration_s=min(checks.max_duration_s, float(fcfg.chunk_length_s)))
     name = os.fspath(path)
     fs, root = cache.filesystem(name)
     if cache.is_local(fs):
@@ -82,7 +77,19 @@ def load_audio(path: str | os.PathLike[str], fcfg: FeatureConfig | None = None,
             data = fs.cat_file(root)
         except FileNotFoundError:
             raise UnreadableAudio(f"{name}: no such file") from None
-    row = featurize_clip({}, data, fcfg, checks)
+    return audio_features(data, name, fcfg, checks)
+
+
+def audio_features(data: bytes | str, name: str, fcfg: FeatureConfig | None = None,
+                   checks: PrepareConfig | None = None) -> torch.Tensor:
+    """Encoded audio (bytes, e.g. an HTTP request's) or a local file -> the encoder input, as `load_audio`;
+    `name` is how error messages call it."""
+    from pipeline.prepare import featurize_clip
+
+    fcfg = fcfg or FeatureConfig()
+    checks = checks or PrepareConfig()
+    checks = dataclasses.replace(checks, max_duration_s=min(checks.max_duration_s, float(fcfg.chunk_length_s)))
+    row = featurize_clip({"source": name}, data, fcfg, checks)
     if row.get("reason"):
         error = _ERRORS.get(row["reason"], UnreadableAudio)
         hint = " (the model reads one 30 s window; trim or split the clip)" if error is AudioTooLong else ""
@@ -100,19 +107,31 @@ def prompt_template(model: DiVA, tokenizer: Any, prompt: str | None = None) -> C
     return derive_template(tokenizer, prompt)
 
 
-def llm_inputs(model: DiVA, template: ChatTemplate, input_features: torch.Tensor) -> torch.Tensor:
-    """embed(prefix) ++ virtual tokens ++ embed(suffix): [1, len(prefix) + Q + len(suffix), H]."""
-    input_features = _features(model, input_features)
+def llm_inputs(model: DiVA, template: ChatTemplate, input_features: torch.Tensor | None = None, *,
+               virtual: torch.Tensor | None = None) -> torch.Tensor:
+    """embed(prefix) ++ virtual tokens ++ embed(suffix): [1, len(prefix) + Q + len(suffix), H]. The virtual
+    tokens come from `input_features`, or are given (`virtual` [1, Q, H]: `audio_tokens` of a batch)."""
+    if (input_features is None) == (virtual is None):
+        raise AskError("give the clip's input_features or its virtual tokens, not both or neither")
+    if virtual is None:
+        virtual = audio_tokens(model, _features(model, input_features))
+    with torch.inference_mode():
+        embed = model.llm.get_input_embeddings()
+        device = embed.weight.device
+        prefix = embed(torch.tensor([template.prefix_ids], dtype=torch.long, device=device))
+        suffix = embed(torch.tensor([template.suffix_ids], dtype=torch.long, device=device))
+        return torch.cat([prefix, virtual.to(device=device, dtype=prefix.dtype), suffix], dim=1)
+
+
+def audio_tokens(model: DiVA, input_features: torch.Tensor) -> torch.Tensor:
+    """The virtual tokens [B, Q, H] of B clips' encoder inputs [B, n_mels, frames], in one encoder and
+    Q-Former pass (a server batches concurrent requests through it)."""
+    _features(model, input_features[:1])  # each row is one clip of the shape this model reads
     was_training = model.training
     model.eval()  # no Q-Former dropout at inference, whatever mode the caller left the model in
     try:
         with torch.inference_mode():
-            virtual = model.virtual_tokens(input_features)
-            embed = model.llm.get_input_embeddings()
-            device = embed.weight.device
-            prefix = embed(torch.tensor([template.prefix_ids], dtype=torch.long, device=device))
-            suffix = embed(torch.tensor([template.suffix_ids], dtype=torch.long, device=device))
-            return torch.cat([prefix, virtual.to(device=device, dtype=prefix.dtype), suffix], dim=1)
+            return model.virtual_tokens(input_features.to(model.encoder.conv1.weight.device))
     finally:
         model.train(was_training)
 
@@ -131,19 +150,20 @@ def _features(model: DiVA, input_features: torch.Tensor) -> torch.Tensor:
 # --- generation -----------------------------------------------------------------------------------------
 
 
-def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor, *, prompt: str | None = None,
+def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor | None = None, *, prompt: str | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
-             seed: int | None = None) -> Iterator[int]:
+             seed: int | None = None, virtual: torch.Tensor | None = None) -> Iterator[int]:
     """Token ids of the answer, one at a time, as the LLM produces them (KV cache). Ends after a stop
     token (which is yielded last, as the reference model keeps it; decode with
     skip_special_tokens=True) or after `max_new_tokens`. temperature 0 is greedy; above 0, samples
-    from softmax(logits / temperature) with a generator seeded by `seed` (None: fresh entropy)."""
+    from softmax(logits / temperature) with a generator seeded by `seed` (None: fresh entropy).
+    The clip is its `input_features`, or its precomputed `virtual` tokens (see `llm_inputs`)."""
     if max_new_tokens < 1:
         raise AskError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     if not temperature >= 0.0:
         raise AskError(f"temperature must be >= 0, not {temperature}")
     template = prompt_template(model, tokenizer, prompt)
-    embeds = llm_inputs(model, template, input_features)
+    embeds = llm_inputs(model, template, input_features, virtual=virtual)
     limit = getattr(model.llm.config, "max_position_embeddings", None)
     if limit is not None and embeds.shape[1] + max_new_tokens > limit:
         raise AskError(f"{embeds.shape[1]} prompt positions + max_new_tokens {max_new_tokens} exceed the LLM's "
@@ -155,23 +175,37 @@ def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: 
             seed: int | None) -> Iterator[int]:
     """transformers' own `generate` (KV cache, stopping at any stop id) in a thread, its tokens handed
     over one at a time through a streamer. Sampling is plain softmax(logits / temperature) (no top-k or
-    top-p), drawn from the global RNG seeded with `seed` inside the thread, then restored."""
-    from transformers import GenerationConfig
+    top-p), drawn by `_Sampler` from a generator of its own seeded with `seed`: concurrent answers (a server's
+    threads) neither share nor disturb a random state."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
-                              pad_token_id=min(stops) if stops else None, **sampling)
+                              pad_token_id=min(stops) if stops else None)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    devices = [embeds.device] if embeds.device.type == "cuda" else []
+    processors = LogitsProcessorList([_Sampler(temperature, seed, embeds.device)] if temperature > 0 else [])
 
     def run() -> None:
-        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed) if seed is not None else torch.seed()
+        with torch.inference_mode():
             model.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-                               streamer=streamer)
+                               logits_processor=processors, streamer=streamer)
 
     streamer = _TokenStream(run)
     return iter(streamer)
+
+
+class _Sampler:
+    """A logits processor that draws the next token from softmax(scores / temperature) with its own generator
+    and leaves only that token possible, so `generate`'s greedy step takes it."""
+
+    def __init__(self, temperature: float, seed: int | None, device: torch.device):
+        self.temperature = temperature
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
 class _TokenStream:

@@ -322,6 +322,38 @@ class ClusterConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`python -m jobs.serve`: the Ray Serve endpoint (pipeline/serve.py). The model runs as eval.device/eval.dtype
+    say; eval.whisper/eval.llm override the base checkpoints its directory names."""
+
+    host: str = "127.0.0.1"  # localhost unless deliberately opened (0.0.0.0)
+    port: int = 8000
+    num_replicas: int = 1
+    cpus_per_replica: float = 1.0  # on eval.device=cpu also each replica's torch threads; cuda adds one GPU
+    # Requests one replica works on at once (their generations interleave); more wait in Serve's queue.
+    max_ongoing_requests: int = 8
+    max_body_bytes: int = 16 * 2**20  # a 30 s 48 kHz stereo float WAV, base64-encoded, is ~15 MiB
+    # The name clients put in `model`; None: the model directory's name.
+    model_name: str | None = None
+    max_tokens: int = 256  # when a request gives no max_tokens / max_completion_tokens
+    # Run the encoder and Q-Former of concurrent requests as one batch (Serve's @serve.batch).
+    batching: bool = False
+    batch_size: int = 8
+    batch_wait_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "max_ongoing_requests", "max_body_bytes", "max_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1, not {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port must be in 1..65535, not {self.port}")
+        if self.batch_wait_s < 0 or self.cpus_per_replica <= 0:
+            raise ConfigError("serve.batch_wait_s must be >= 0 and serve.cpus_per_replica > 0")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ConfigError("serve.model_name must not be empty (leave it unset for the model directory's name)")
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -331,6 +363,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.train.w_kl > 0 and self.teacher.top_k <= 0:
