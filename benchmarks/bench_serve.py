@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 CLIPS = sorted((ROOT / "tests" / "fixtures" / "commonvoice" / "clips").glob("*.mp3"))[:8]
 
@@ -69,6 +70,7 @@ def request(client, clip: Path, max_tokens: int) -> tuple[float, float, str]:
 
 def timed(client, concurrency: int, rounds: int, max_tokens: int) -> dict:
     results = []
+    start = time.perf_counter()
     for _ in range(rounds):
         if concurrency == 1:
             results += [request(client, clip, max_tokens) for clip in CLIPS]
@@ -76,6 +78,7 @@ def timed(client, concurrency: int, rounds: int, max_tokens: int) -> dict:
             with ThreadPoolExecutor(concurrency) as pool:
                 results += list(pool.map(lambda c: request(client, c, max_tokens), CLIPS[:concurrency]))
     return {"ttft_s": statistics.median(r[0] for r in results), "total_s": statistics.median(r[1] for r in results),
+            "requests_per_s": len(results) / (time.perf_counter() - start),
             "answers": [r[2] for r in results[:len(CLIPS)]]}
 
 
@@ -102,7 +105,7 @@ def baseline(model_dir: str, threads: int, max_tokens: int) -> dict:
         if i:
             out.append((first or time.perf_counter() - start, time.perf_counter() - start, text))
     return {"ttft_s": statistics.median(r[0] for r in out), "total_s": statistics.median(r[1] for r in out),
-            "answers": [r[2] for r in out]}
+            "requests_per_s": len(out) / sum(r[1] for r in out), "answers": [r[2] for r in out]}
 
 
 def main() -> int:
@@ -149,18 +152,22 @@ def report(figures: dict) -> None:
     base = figures["baseline"]
     print(f"model {figures['model']} ({figures['preset']}), {figures['cpus']} CPUs, greedy, "
           f"max_tokens {figures['max_tokens']}, streamed")
-    print(f"{'configuration':38s} {'TTFT p50 s':>11s} {'total p50 s':>12s} {'TTFT / base':>12s} {'total / base':>13s}")
-    print(f"{'baseline: pipeline.ask, no server':38s} {base['ttft_s']:11.3f} {base['total_s']:12.3f}")
+    print(f"{'configuration':38s} {'TTFT p50 s':>11s} {'total p50 s':>12s} {'requests/s':>11s} {'TTFT / base':>12s}"
+          f" {'total / base':>13s} {'req/s / base':>13s}")
+    print(f"{'baseline: pipeline.ask, no server':38s} {base['ttft_s']:11.3f} {base['total_s']:12.3f}"
+          f" {base['requests_per_s']:11.3f}")
     for key, f in figures.items():
         if key.startswith("batching="):
-            print(f"{key:38s} {f['ttft_s']:11.3f} {f['total_s']:12.3f} {f['ttft_s'] / base['ttft_s']:12.2f}"
-                  f" {f['total_s'] / base['total_s']:13.2f}")
+            print(f"{key:38s} {f['ttft_s']:11.3f} {f['total_s']:12.3f} {f['requests_per_s']:11.3f}"
+                  f" {f['ttft_s'] / base['ttft_s']:12.2f} {f['total_s'] / base['total_s']:13.2f}"
+                  f" {f['requests_per_s'] / base['requests_per_s']:13.2f}")
             same = f["answers"][:len(base["answers"])] == base["answers"][:len(f["answers"])]
             print(f"{'':38s} answers equal to the baseline's: {same}")
     for c in (1, 8):
         off, on = figures[f"batching=False concurrency={c}"], figures[f"batching=True concurrency={c}"]
         print(f"concurrency {c}: batching on / off: TTFT {on['ttft_s'] / off['ttft_s']:.2f}, "
-              f"total {on['total_s'] / off['total_s']:.2f}")
+              f"total {on['total_s'] / off['total_s']:.2f}, "
+              f"requests/s {on['requests_per_s'] / off['requests_per_s']:.2f}")
     out = ROOT / "runs" / "bench" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2))
