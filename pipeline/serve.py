@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 
 from pipeline import PipelineError
 from pipeline import ask as asking
-from pipeline.config import Config, ServeConfig, from_dict, load_config
+from pipeline.config import Config, ConfigError, ServeConfig, from_dict, load_config
 
 AUDIO_FORMATS = ("wav", "mp3", "flac")
 WEB_DIR = Path(__file__).parent / "web"
@@ -320,13 +320,13 @@ def serve_args(args: Mapping[str, Any]) -> tuple[str, Config]:
     """A Serve config's `args` ({model, config?, overrides?}) -> (model directory, Config)."""
     unknown = sorted(set(args) - {"model", "config", "overrides"})
     if unknown:
-        raise RequestError(f"unknown application args {unknown}; expected model, config, overrides")
+        raise ConfigError(f"unknown application args {unknown}; expected model, config, overrides")
     model = args.get("model")
     if not isinstance(model, str) or not model:
-        raise RequestError("application args: `model` (the model directory jobs.export wrote) is required")
+        raise ConfigError("application args: `model` (the model directory jobs.export wrote) is required")
     overrides = args.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise RequestError("application args: `overrides` must be a list of key=value strings")
+        raise ConfigError("application args: `overrides` must be a list of key=value strings")
     return model, load_config(args.get("config"), overrides)
 
 

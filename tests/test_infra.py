@@ -34,7 +34,8 @@ from pipeline.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-RAY_CONFIGS = sorted((INFRA / "ray").glob("*.yaml"))
+SERVE_CONFIGS = sorted((INFRA / "ray").glob("serve*.yaml"))  # Ray Serve configs, not `ray up` ones
+RAY_CONFIGS = [p for p in sorted((INFRA / "ray").glob("*.yaml")) if p not in SERVE_CONFIGS]
 K8S_FILES = sorted((INFRA / "k8s").glob("*.yaml"))
 DOCKERFILES = sorted((INFRA / "docker").glob("*.Dockerfile"))
 README = INFRA / "README.md"
@@ -386,6 +387,67 @@ def test_a_wrong_entrypoint_is_refused(command, expect):
     assert any(expect in p for p in problems), problems
 
 
+# --- Ray Serve configs -----------------------------------------------------------------------------------
+
+
+def serve_config_problems(config: dict[str, Any]) -> list[str]:
+    """A `serve deploy` config: Serve's own schema, localhost unless deliberately opened, and each application's
+    import_path importable with args its builder accepts (pipeline.serve.serve_args, the config overrides
+    included) -- everything `serve deploy` would do short of loading the model."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serve import serve_args
+
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except Exception as e:  # pydantic's ValidationError
+        return [f"not a Serve config: {' '.join(str(e).split())[:300]}"]
+    problems = []
+    if schema.http_options.host not in ("127.0.0.1", "localhost"):
+        problems.append(f"http_options.host {schema.http_options.host!r}: the endpoint is public")
+    for app in schema.applications:
+        module, _, attr = app.import_path.rpartition(":") if ":" in app.import_path else app.import_path.rpartition(".")
+        try:
+            builder = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            problems.append(f"{app.name}: import_path {app.import_path!r} does not import: {e}")
+            continue
+        if not callable(builder):
+            problems.append(f"{app.name}: {app.import_path} is not an application builder")
+        try:
+            serve_args(app.args or {})
+        except ConfigError as e:
+            problems.append(f"{app.name}: args: {e}")
+    return problems
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config(path):
+    assert serve_config_problems(load_yaml(path)) == []
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda c: c["applications"][0].update(import_path="pipeline.serve:build_ap"), "does not import"),
+    (lambda c: c["applications"][0].update(import_path="pipeline.serv:build_app"), "does not import"),
+    (lambda c: c["applications"][0]["args"]["overrides"].append("serve.num_replica=2"), "unknown key"),
+    (lambda c: c["applications"][0]["args"]["overrides"].append("serve.port=0"), "serve.port"),
+    (lambda c: c["applications"][0]["args"].pop("model"), "`model`"),
+    (lambda c: c["http_options"].update(host="0.0.0.0"), "public"),
+    (lambda c: c.update(proxy_location="Everywhere"), "not a Serve config"),
+])
+def test_a_damaged_serve_config_is_refused(damage, expect):
+    config = copy.deepcopy(load_yaml(SERVE_CONFIGS[0]))
+    damage(config)
+    problems = serve_config_problems(config)
+    assert any(expect in p for p in problems), problems
+
+
 # --- images ----------------------------------------------------------------------------------------------
 
 
@@ -719,7 +781,7 @@ def readme_problems(text: str) -> list[str]:
     problems = []
     mentioned = set(re.findall(r"infra/[\w./-]+\w", text))
     problems += [f"{m}: no such file" for m in sorted(mentioned) if not (ROOT / m).exists()]
-    for path in [*RAY_CONFIGS, *K8S_FILES, *DOCKERFILES]:
+    for path in [*RAY_CONFIGS, *SERVE_CONFIGS, *K8S_FILES, *DOCKERFILES]:
         if str(path.relative_to(ROOT)) not in mentioned:
             problems.append(f"{path.relative_to(ROOT)} is not described")
     options = {o for p in submit.params for o in p.opts}
