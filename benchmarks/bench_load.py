@@ -24,7 +24,8 @@ count from the Parquet footer); ingest rows as batches arrive. "first 10%" is th
 to the output that passes 10% of the rows (start-up shown apart, as time to first output), "last 10%" the rate
 over the last 10% of rows: a stage that degrades as it goes shows last << first.
 
-Writes runs/bench/load-<clips>.json per size. 5,000 clips take about 8 minutes on 2 shared cores.
+Writes runs/bench/load-<corpus>.json per size. 5,000 clips took 12-19 minutes on 2 heavily shared cores
+(figures and what grows: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -289,8 +290,8 @@ def measure(corpus: Path, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def mb(n: float) -> str:
-    return f"{n / MiB:7.0f}"
+def mb(n: float | None) -> str:
+    return f"{n / MiB:7.0f}" if n else "      -"
 
 
 def rate(x: float | None) -> str:
@@ -298,18 +299,18 @@ def rate(x: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> None:
-    print("\nper stage: wall s, rows/s (first 10% / last 10% / overall), peak MiB (driver RSS, largest worker RSS, "
-          "workers' RSS sum, Ray system RSS sum, PSS of the whole tree)")
+    print("\nper stage: wall s, rows/s (first 10% / last 10% / overall), peak MiB (driver RSS, largest worker RSS "
+          "and USS, workers' RSS sum, Ray system RSS sum, PSS of the whole tree)")
     print(f"{'clips':>6} {'stage':8} {'wall s':>7} {'1st 10%':>8} {'last 10%':>8} {'overall':>8} {'last/1st':>8}"
-          f" {'driver':>7} {'worker':>7} {'workers':>7} {'system':>7} {'tree':>7}  largest worker")
+          f" {'driver':>7} {'worker':>7} {'w. USS':>7} {'workers':>7} {'system':>7} {'tree':>7}  largest worker")
     for r in results:
         for s in ("prepare", "teacher", "ingest"):
             st, m = r[s], r["memory"].get(s, {})
             ratio = f"{st['last/first']:8.2f}" if st.get("last/first") else "       -"
             print(f"{r['clips']:6d} {s:8} {st['wall_s']:7.1f} {rate(st.get('first10_rows_per_s'))} "
                   f"{rate(st.get('last10_rows_per_s'))} {rate(st.get('rows_per_s'))} {ratio} {mb(m['driver_rss'])} "
-                  f"{mb(m['worker_rss_max'])} {mb(m['workers_rss_sum'])} {mb(m['system_rss_sum'])} "
-                  f"{mb(m['tree_pss'])}  {m['worker_rss_max_name']}")
+                  f"{mb(m['worker_rss_max'])} {mb(m.get('worker_uss_max'))} {mb(m['workers_rss_sum'])} "
+                  f"{mb(m['system_rss_sum'])} {mb(m['tree_pss'])}  {m['worker_rss_max_name']}")
         ing = r["ingest"]
         print(f"{'':6} ingest: {ing['input_mb']:.0f} MiB on disk > materialize_max_mb {ing['materialize_max_mb']:g} "
               f"(streamed: {not ing['materialized']}), {ing['num_partitions']} join partition(s), first batch after "
@@ -320,12 +321,13 @@ def table(results: list[dict[str, Any]]) -> None:
     for r in results[1:]:
         print(f"\nratios {r['clips']} / {base['clips']} clips ({r['clips'] / base['clips']:.2f}x the rows): "
               "memory 1.00 = bounded, rows/s 1.00 = as fast")
-        print(f"{'stage':8} {'wall':>6} {'rows/s':>6} {'driver':>7} {'worker':>7} {'workers':>7} {'system':>7} "
-              f"{'tree':>7}")
+        print(f"{'stage':8} {'wall':>6} {'rows/s':>6} {'driver':>7} {'worker':>7} {'w. USS':>7} {'workers':>7} "
+              f"{'system':>7} {'tree':>7}")
         for s in ("prepare", "teacher", "ingest"):
             m, b = r["memory"][s], base["memory"][s]
-            mem = " ".join(f"{m[k] / b[k]:7.2f}" for k in ("driver_rss", "worker_rss_max", "workers_rss_sum",
-                                                          "system_rss_sum", "tree_pss"))
+            mem = " ".join(f"{m[k] / b[k]:7.2f}" if m.get(k) and b.get(k) else "      -"
+                           for k in ("driver_rss", "worker_rss_max", "worker_uss_max", "workers_rss_sum",
+                                     "system_rss_sum", "tree_pss"))
             print(f"{s:8} {r[s]['wall_s'] / base[s]['wall_s']:6.2f} "
                   f"{r[s]['rows_per_s'] / base[s]['rows_per_s']:6.2f} {mem}")
 
