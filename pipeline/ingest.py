@@ -8,6 +8,7 @@ lazy Dataset that reads, joins and (optionally) shuffles the rows when a trainer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -37,6 +38,10 @@ RESPONSE_COLUMNS = ["response_ids", "response_target"]  # read when train.distil
 # Bytes of input per join partition: about one Ray Data block (128 MiB), so a partition's join fits
 # a reduce task's memory several times over.
 PARTITION_BYTES = 128 * 2**20
+# Bytes of input a shuffle's map task (the join's, the sort's) gathers before partitioning it. Ray Data's
+# default (1 GiB) had one task hold the whole split up to that size, several copies of it while sorting: the
+# ingest's memory grew with the corpus (benchmarks/bench_load.py). One join partition's worth bounds it.
+SHUFFLE_BATCH_BYTES = PARTITION_BYTES
 NO_ROW = "no_row"  # a clip with neither a target nor a teacher reject: the cache lacks it
 _TARGET_DTYPES = ("bfloat16", "float16")
 # With a shuffle seed, rows carry their place in the epoch (see `_shuffle`).
@@ -262,14 +267,31 @@ def training_dataset(
         "input_bytes": input_bytes,
         "num_partitions": num_partitions,
     }
-    left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
-    right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS + (TOPK_COLUMNS if topk else [])
-                          + (RESPONSE_COLUMNS if positions > 1 else []))
-    ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
-    if shuffle_seed is not None:
-        ds = _shuffle(ds, shuffle_seed)
+    with _shuffle_batches(SHUFFLE_BATCH_BYTES):
+        left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
+        right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS + (TOPK_COLUMNS if topk else [])
+                              + (RESPONSE_COLUMNS if positions > 1 else []))
+        ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
+        if shuffle_seed is not None:
+            ds = _shuffle(ds, shuffle_seed)
     log.info("ingest: %s split of %s joined with %s: %s", split, mels_url, teacher_url, info["counts"])
     return ds, info
+
+
+@contextlib.contextmanager
+def _shuffle_batches(limit: int) -> Iterator[None]:
+    """Datasets made inside copy the current DataContext: theirs batch shuffle input up to `limit` bytes
+    (or less, if the caller's context already says so). The caller's context is left as it was."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.shuffle_input_batch_bytes
+    if saved > limit:  # (<= 0: no batching at all, one task per block: already bounded)
+        ctx.shuffle_input_batch_bytes = limit
+    try:
+        yield
+    finally:
+        ctx.shuffle_input_batch_bytes = saved
 
 
 def _opened(mels_url: str, teacher_url: str, expect: dict[str, Any] | None, split: str,

@@ -159,6 +159,19 @@ def test_batches_have_static_shapes_and_the_seed_fixes_the_order(prepared_mels, 
     assert shuffled_order(ids, 7) != ids
 
 
+def test_shuffles_gather_at_most_one_partition(prepared_mels, teacher_cache):
+    """The join's and the sort's map tasks gather at most SHUFFLE_BATCH_BYTES of input each (Ray Data's 1 GiB
+    default had one task hold the whole split: memory grew with the corpus, benchmarks/bench_load.py); the
+    caller's DataContext is left as it was."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.shuffle_input_batch_bytes
+    ds, _ = training_dataset(str(prepared_mels), str(teacher_cache), split="train", shuffle_seed=0)
+    assert ds.context.shuffle_input_batch_bytes == ingest.SHUFFLE_BATCH_BYTES < before
+    assert ctx.shuffle_input_batch_bytes == before
+
+
 def test_missing_files_are_refused_or_counted(prepared_mels, teacher_cache, sources, tmp_path):
     clips, targets, rejects = sources
     mels, cached = tmp_path / "mels", tmp_path / "teacher"
