@@ -82,6 +82,10 @@ class PrepareConfig:
     rows_per_file: int = 1000
     # Clips per Ray Data batch; each batch is decoded by one task on one CPU.
     batch_size: int = 16
+    # At most this many clips per featurize task (its input and output blocks): what bounds a decoding worker's
+    # memory, whatever the corpus size (benchmarks/bench_load.py). Fewer, on a small corpus, to spread it over
+    # the CPUs.
+    rows_per_task: int = 256
     # Process only the first N selected rows (smoke runs); None for all.
     limit: int | None = None
 
@@ -370,6 +374,8 @@ class Config:
             raise ConfigError(f"train.w_kl={self.train.w_kl} needs the teacher's top-k log-probs: set teacher.top_k "
                               "> 0 (and cache the targets with it)")
         self._check_positions()
+        if min(self.prepare.batch_size, self.prepare.rows_per_task, self.prepare.rows_per_file) < 1:
+            raise ConfigError("prepare.batch_size, prepare.rows_per_task and prepare.rows_per_file must be >= 1")
         if self.prepare.max_duration_s > self.features.chunk_length_s:
             raise ConfigError(f"prepare.max_duration_s={self.prepare.max_duration_s} exceeds the encoder window "
                               f"features.chunk_length_s={self.features.chunk_length_s}: longer clips would be cut")

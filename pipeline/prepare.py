@@ -208,7 +208,7 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
 
     if todo:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        per_block = min(1024, max(pcfg.batch_size, math.ceil(len(todo) / (4 * cpus))))
+        per_block = min(pcfg.rows_per_task, max(pcfg.batch_size, math.ceil(len(todo) / (4 * cpus))))
         in_schema = pa.schema([f for f in WORK_SCHEMA if f.name in todo[0]])
         todo_table = pa.Table.from_pylist(todo, schema=in_schema)
         blocks = [todo_table.slice(i, per_block) for i in range(0, len(todo), per_block)]

@@ -176,7 +176,9 @@ def test_resume_after_crash_gives_the_clean_run(ray_local, corpus, tmp_path):
     (out / MELS_DIR / "part-cut.parquet").write_bytes(partial[0].read_bytes()[:5000])
     (out / MELS_DIR / ".part-x.parquet.tmp-123").write_bytes(b"PAR1")
 
-    manifest = run_prepare(tiny("prepare.rows_per_file=4"), str(corpus), str(out))
+    # Resumed with smaller tasks (prepare.rows_per_task: a setting of memory, not of content).
+    manifest = run_prepare(tiny("prepare.rows_per_file=4", "prepare.rows_per_task=2", "prepare.batch_size=2"),
+                           str(corpus), str(out))
     assert not (out / MELS_DIR / "part-cut.parquet").exists()
     assert not list((out / MELS_DIR).glob(".*tmp-*"))
     resumed = {r["id"]: r for r in read(out, MELS_DIR)}
