@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+import torch
 
 from pipeline.backends import PlainBackend
 from pipeline.checkpoint import TrainState
+from pipeline.config import load_config
+from pipeline.model import build_student
 from pipeline.step import make_optimizer
 
 
@@ -16,3 +21,23 @@ def write_checkpoint(directory: Path, model, cfg, step: int, optimizer=None) -> 
     PlainBackend(cfg.train).save(str(directory), model, optimizer, TrainState(step=step, batch_in_epoch=step),
                                  cfg.to_dict())
     return directory
+
+
+def nudged_run(run: Path) -> Path:
+    """A training run's output as Ray Train lays it out (<run>/train/checkpoint_<date>/, step 3): the tiny student
+    with its trainable weights nudged off their initialisation, so that it answers with several tokens."""
+    cfg = load_config("tiny")
+    model = build_student(cfg)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    write_checkpoint(run / "train" / "checkpoint_2025-01-01_10-00-00.000001", model, cfg, step=3)
+    return run
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

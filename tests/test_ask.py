@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import write_checkpoint
+from helpers import nudged_run
 from transformers import WhisperFeatureExtractor
 
 from pipeline import PipelineError
@@ -30,9 +30,7 @@ from pipeline.ask import (
     prompt_template,
     stream_text,
 )
-from pipeline.config import load_config
 from pipeline.export import export_checkpoint, load_model
-from pipeline.model import build_student
 from pipeline.template import render_ids, stop_ids, transcript_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,17 +43,7 @@ INSTRUCTION = "Reply briefly, like a pirate."
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A training run's output as Ray Train lays it out: <run>/train/checkpoint_<date>/."""
-    cfg = load_config("tiny")
-    model = build_student(cfg)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    run = tmp_path_factory.mktemp("run")
-    ck = run / "train" / "checkpoint_2025-01-01_10-00-00.000001"
-    ck.mkdir(parents=True)
-    write_checkpoint(ck, model, cfg, step=3)
-    return run
+    return nudged_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

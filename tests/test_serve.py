@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from helpers import free_port
 
 from pipeline.ask import answer, generate, llm_inputs, load_audio, prompt_template
 from pipeline.config import load_config
@@ -49,12 +49,6 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(model_dir):
     return load_model(str(model_dir))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

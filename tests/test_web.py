@@ -12,18 +12,15 @@ from __future__ import annotations
 import base64
 import io
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import soundfile as sf
-import torch
 from browser import Chromium, ask_on_page, chromium_binary
-from helpers import write_checkpoint
+from helpers import free_port, nudged_run
 
 from pipeline.config import load_config
 from pipeline.export import export_checkpoint
-from pipeline.model import build_student
 
 pytestmark = pytest.mark.skipif(chromium_binary() is None,
                                 reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
@@ -39,21 +36,8 @@ MAX_TOKENS = 32  # the page's "Max tokens" field and the direct request's max_to
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny export whose trainable weights are nudged off their initialisation (answers of several tokens)."""
-    cfg = load_config("tiny")
-    model = build_student(cfg)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    run = tmp_path_factory.mktemp("web-run")
-    write_checkpoint(run / "train" / "checkpoint_2025-01-01_10-00-00.000001", model, cfg, step=3)
+    run = nudged_run(tmp_path_factory.mktemp("web-run"))
     return Path(export_checkpoint(str(run), str(tmp_path_factory.mktemp("web-export") / "model")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
