@@ -110,13 +110,7 @@ class Chromium:
         self.ws.send(json.dumps(msg))
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrowserError(f"{method}: no answer in {timeout or self.timeout:.0f} s")
-            try:
-                reply = json.loads(self.ws.recv(timeout=left))
-            except TimeoutError:
-                continue
+            reply = self._receive(deadline, f"{method}: no answer in {timeout or self.timeout:.0f} s")
             if reply.get("id") == msg_id:
                 if "error" in reply:
                     raise BrowserError(f"{method}: {reply['error']}")
@@ -145,15 +139,18 @@ class Chromium:
             for i, event in enumerate(self.events):
                 if event["method"] == method:
                     return self.events.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrowserError(f"no {method} event in {timeout or self.timeout:.0f} s")
-            try:
-                msg = json.loads(self.ws.recv(timeout=left))
-            except TimeoutError:
-                continue
+            msg = self._receive(deadline, f"no {method} event in {timeout or self.timeout:.0f} s")
             if "method" in msg:
                 self.events.append(msg)
+
+    def _receive(self, deadline: float, late: str) -> dict:
+        """The next message from the browser before `deadline` (time.monotonic); BrowserError(late) after it."""
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                return json.loads(self.ws.recv(timeout=left))
+            except TimeoutError:
+                continue
+        raise BrowserError(late)
 
     def page_errors(self) -> list[str]:
         """Uncaught exceptions and console.error messages the page produced so far."""
