@@ -68,10 +68,24 @@ def token_accuracy(model, data: tuple[torch.Tensor, ...], side: str, table: torc
     return right / max(1, right + wrong)
 
 
-def train(base, side: str, train_data, eval_sets, table, args) -> list[dict]:
-    model = copy.copy(base)  # shares the frozen encoder and LLM; the trainable parts are copied below
+def trainable_copy(base):
+    """A student sharing `base`'s frozen encoder and LLM, with its own copy of the trainable parts."""
+    model = copy.copy(base)
     for part in ("queries", "qformer", "projection"):
         setattr(model, part, copy.deepcopy(getattr(base, part)))
+    return model
+
+
+def descend(opt, params: list, loss: torch.Tensor) -> None:
+    """One AdamW step on `loss`, the gradient norm clipped to 1.0 as in training."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def train(base, side: str, train_data, eval_sets, table, args) -> list[dict]:
+    model = trainable_copy(base)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen, log, t0 = torch.Generator().manual_seed(0), [], time.perf_counter()
@@ -80,10 +94,7 @@ def train(base, side: str, train_data, eval_sets, table, args) -> list[dict]:
         pick = torch.randint(len(audio), (16,), generator=gen)
         virtual = model.project(audio[pick])
         loss = alignment_loss(virtual, base.text_embeddings(ids[pick]), lengths[pick], side).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, params, loss)
         if step % args.eval_every == 0:
             model.eval()
             row = {"side": side, "step": step, "loss": round(float(loss), 2),

@@ -23,7 +23,6 @@ runs/bench/words.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_align_side import encoded, token_accuracy  # noqa: E402
+from bench_align_side import descend, encoded, token_accuracy, trainable_copy  # noqa: E402
 
 from pipeline.builders import load_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -144,9 +143,7 @@ def head_accuracy(model, audio: torch.Tensor, targets: torch.Tensor, head: torch
 def learn(name: str, base, train_set: dict, questions: dict, head: torch.Tensor, table: torch.Tensor,
           args) -> list[dict]:
     """Part 2: alignment-only steps under one objective, the held-out token accuracy every --eval-every steps."""
-    model = copy.copy(base)  # shares the frozen encoder and LLM; the trainable parts are copied below
-    for part in ("queries", "qformer", "projection"):
-        setattr(model, part, copy.deepcopy(getattr(base, part)))
+    model = trainable_copy(base)
     params = [p for n, p in model.named_parameters() if p.requires_grad
               and not (name == "whisper-ce" and n.startswith("projection"))]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -154,10 +151,7 @@ def learn(name: str, base, train_set: dict, questions: dict, head: torch.Tensor,
     for step in range(1, args.steps + 1):
         pick = torch.randint(len(train_set["audio"]), (16,), generator=gen)
         loss = objective(name, model, {k: v[pick] for k, v in train_set.items()}, head, args.tau)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, params, loss)
         if step % args.eval_every == 0:
             model.eval()
             if name == "whisper-ce":
