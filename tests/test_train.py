@@ -177,17 +177,26 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_same_command_resumes(
     """A spot VM's notice: SIGTERM to the training worker after step 2. It finishes its step, checkpoints there and
     the run ends cleanly: no restart (train.max_failures=1 would allow one), the job exits PREEMPTED_EXIT and says
     where it stopped. The same command again resumes, and every step's losses equal an uninterrupted run's. No
-    periodic checkpoints (checkpoint_every=100): the one to resume from is the SIGTERM's."""
+    periodic checkpoints (checkpoint_every=100): the one to resume from is the SIGTERM's.
+
+    With all four loggers (tests/test_loggers.py reads them back), this is also their wiring through a real
+    training run: the preemption ends the MLflow run KILLED and the W&B run with exit code 75, and the same command
+    goes on in both runs to the last step; each holds the config and the JSONL log's steps, under its names."""
     from ray._private.state import actors
+    from test_loggers import mlflow_run, mlflow_steps, read_jsonl, state, wandb_runs, wandb_summary
 
     from jobs import train as job
+    from pipeline import tracking
     from pipeline.export import resolve_checkpoint
     from pipeline.train import PREEMPTED_EXIT
 
     out = tmp_path / "spot"
+    overrides = [*TINY_TRAIN, "train.checkpoint_every=100", "train.max_failures=1",
+                 "train.loggers=[jsonl,tensorboard,mlflow,wandb]", "train.wandb.mode=offline",
+                 f"train.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    params = tracking.flatten(load_config("tiny", overrides).to_dict())
     monkeypatch.setattr("sys.argv", ["jobs.train", "--config", "tiny", "--mels", str(prepared_mels), "--teacher",
-                                     str(teacher_cache), "--output", str(out), *TINY_TRAIN,
-                                     "train.checkpoint_every=100", "train.max_failures=1"])
+                                     str(teacher_cache), "--output", str(out), *overrides])
     sent = signal_the_worker(out, after_step=2, signum=signal.SIGTERM)
     with caplog.at_level("WARNING", logger="pipeline.train"):
         assert job.run() == PREEMPTED_EXIT
@@ -200,11 +209,28 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_same_command_resumes(
     assert f"preempted (SIGTERM) at step {stopped} of 6: checkpoint {checkpoint}" in caplog.text
     worker = next(a for a in actors().values() if a["Pid"] == sent[0])
     assert "SIGTERM" not in str(worker["DeathCause"]), worker  # Ray Train ended it once its loop returned
+    logged = read_jsonl(out)
+    assert {"loss", "distill", "align", "lr", "examples_per_s"} <= set(logged[1]), logged
+    client, run = mlflow_run(out)
+    assert run.info.status == "KILLED" and mlflow_steps(client, run) == logged
+    (records,) = wandb_runs(out)
+    assert wandb_summary(records) == (json.loads(json.dumps(params)), logged, tracking.EXIT_CODES["preempted"])
 
     assert job.run() == 0
     got = read_metrics(out)
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
     assert_same_losses(got, straight)  # to float32 rounding: two uninterrupted runs differ by as much
+    logged = read_jsonl(out)
+    client, again = mlflow_run(out)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.params == {k: str(v) for k, v in params.items()}
+    assert mlflow_steps(client, again) == logged
+    first, second = wandb_runs(out)
+    config, wandb_steps, exit_code = wandb_summary(second)
+    assert config == json.loads(json.dumps(params)) and exit_code == 0
+    assert {**wandb_summary(first)[1], **wandb_steps} == logged
+    assert {r["run"]["run_id"] for r in first + second if r["type"] == "run"} == {state(out)["wandb"]["id"]}
+    assert list(out.glob("logs/events.out.tfevents.*"))
 
 
 # Full-batch steps on the 16 clips, 64 queries (the bundled transcripts average 30 tokens, the few
