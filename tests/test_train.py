@@ -141,32 +141,26 @@ def signal_the_worker(out: Path, *, after_step: int, signum: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
+def test_resume_continues_exactly_and_a_killed_worker_restarts_from_the_last_checkpoint(
+        ray_local, prepared_mels, teacher_cache, straight, tmp_path):
+    """A run stopped at step 2 (train.stop_at_step) and submitted again resumes there: its first new step is 3.
+    In that resumed run the training worker is SIGKILLed once step 3 is logged: Ray Train's FailureConfig restarts
+    the worker group, which resumes from the latest checkpoint (step 2's or step 4's, never the start) and ends
+    where an uninterrupted run ends, every step's losses equal to it."""
     from pipeline.train import run_training
 
-    resumed = tmp_path / "resumed"
-    first = run_training(tiny_train("train.stop_at_step=2"), str(prepared_mels), str(teacher_cache), str(resumed))
+    out = tmp_path / "resumed"
+    first = run_training(tiny_train("train.stop_at_step=2"), str(prepared_mels), str(teacher_cache), str(out))
     assert first.metrics["step"] == 2
-    run_training(tiny_train(), str(prepared_mels), str(teacher_cache), str(resumed))
-    got = read_metrics(resumed)
-    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
-    assert_same_losses(got, straight)
-
-
-@pytest.mark.slow
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
-    """SIGKILL the training worker mid-run: Ray Train's FailureConfig restarts the worker group, which
-    resumes from the latest checkpoint and ends where an uninterrupted run ends."""
-    from pipeline.train import run_training
-
-    out = tmp_path / "failing"
-    # Step 3 is logged after step 2's checkpoint was reported: kill then, with steps still to go.
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    # Step 3 is logged after the resumed run restored step 2's checkpoint: kill then, with steps still to go.
     killed = signal_the_worker(out, after_step=3, signum=signal.SIGKILL)
     result = run_training(tiny_train("train.max_failures=1"), str(prepared_mels), str(teacher_cache), str(out))
     assert killed, "the worker was never killed"
     assert result.error is None and result.metrics["step"] == 6
     got = read_metrics(out)
     steps = [m["step"] for m in got]
+    assert steps[:3] == [1, 2, 3] and min(steps[2:]) == 3, steps  # resumed at step 2, and restarted no earlier
     assert len(steps) > len(set(steps)), f"no step ran twice, so no restart happened: {steps}"
     assert_same_losses(got, straight)
 
