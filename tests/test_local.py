@@ -51,12 +51,13 @@ def test_a_cut_metrics_line_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_default_runs_end_to_end(ray_local, tmp_path):
-    """The README's run command with a shorter training (the rest as shipped), attached to the
-    session's Ray; its report holds real numbers and a second run only confirms the outputs."""
+    """The README's run command with a shorter training of a smaller student (6 steps, 64 queries: less than half the
+    preset's step cost; the rest as shipped), attached to the session's Ray; its report holds real numbers and a
+    second run only confirms the outputs."""
     out = tmp_path / "local"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "jobs.local", "--config", "tiny", "--output", str(out),
-           "train.steps=6", "train.log_every=2", "train.checkpoint_every=3"]
+           "train.steps=6", "train.log_every=2", "train.checkpoint_every=3", "model.num_queries=64"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     for name in ("mels", "teacher", "train", "model", "eval"):

@@ -1,11 +1,12 @@
 """Experiment tracking (pipeline/tracking.py): the one sink the training loop logs to, with the real MLflow (a
 SQLite store in tmp, read back with MlflowClient) and the real W&B (offline; its .wandb log read back with W&B's
-own reader, `wandb leet inspect --json`). Every tracker must hold the run's config and the JSONL log's steps."""
+own reader, `wandb leet inspect --json`). Every tracker must hold the run's config and the JSONL log's steps.
+The wiring through a real training run (all four loggers, preempted by SIGTERM and resumed by the same command)
+is tests/test_train.py's SIGTERM test, which reads the trackers back with this module's helpers."""
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -185,47 +186,3 @@ def test_wandb_offline_holds_the_config_and_every_logged_step(tmp_path):
     run_ids = {r["run"]["run_id"] for records in (first, second) for r in records if r["type"] == "run"}
     assert run_ids == {state(out)["wandb"]["id"]}
     assert {**steps, **steps2} == read_jsonl(out)
-
-
-# --- the wiring: a real training run ----------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_a_preempted_training_run_goes_on_in_the_same_tracker_runs(ray_local, prepared_mels, teacher_cache,
-                                                                   mlflow_store, tmp_path):
-    """The wiring, on the session's Ray with all four loggers: SIGTERM to the worker after step 1 ends the MLflow
-    run KILLED and the W&B run with exit code 75; the same command again goes on in both runs to the last step.
-    Each holds the config and the JSONL log's steps, under its names."""
-    from test_train import signal_the_worker
-
-    from pipeline.train import preempted, run_training
-
-    out = tmp_path / "run"
-    cfg = load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=4", "train.steps=4",
-                               "train.log_every=1", "train.checkpoint_every=100",
-                               "train.loggers=[jsonl,tensorboard,mlflow,wandb]", "train.wandb.mode=offline",
-                               f"train.mlflow.tracking_uri={mlflow_store}"])
-    params = tracking.flatten(cfg.to_dict())
-    sent = signal_the_worker(out, after_step=1, signum=signal.SIGTERM)
-    assert preempted(run_training(cfg, str(prepared_mels), str(teacher_cache), str(out)))
-    assert sent, "the worker was never signalled"
-    logged = read_jsonl(out)
-    assert 2 <= max(logged) < 4 and {"loss", "distill", "align", "lr", "examples_per_s"} <= set(logged[1]), logged
-    client, run = mlflow_run(out)
-    assert run.info.status == "KILLED" and mlflow_steps(client, run) == logged
-    (records,) = wandb_runs(out)
-    assert wandb_summary(records) == (json.loads(json.dumps(params)), logged, tracking.EXIT_CODES["preempted"])
-
-    assert not preempted(run_training(cfg, str(prepared_mels), str(teacher_cache), str(out)))
-    logged = read_jsonl(out)
-    assert sorted(logged) == [1, 2, 3, 4]
-    client, again = mlflow_run(out)
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert again.data.params == {k: str(v) for k, v in params.items()}
-    assert mlflow_steps(client, again) == logged
-    first, second = wandb_runs(out)
-    config, steps, exit_code = wandb_summary(second)
-    assert config == json.loads(json.dumps(params)) and exit_code == 0
-    assert {**wandb_summary(first)[1], **steps} == logged
-    assert {r["run"]["run_id"] for r in first + second if r["type"] == "run"} == {state(out)["wandb"]["id"]}
-    assert list(out.glob("logs/events.out.tfevents.*"))

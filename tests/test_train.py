@@ -88,8 +88,10 @@ def read_metrics(out: Path) -> list[dict]:
 # --- Ray Train on CPU ----------------------------------------------------------------------------------
 
 
+# 64 queries, not the preset's 448: what these runs check (resuming, restarting, stopping) does not depend on the
+# number of queries, and each step costs less than half.
 TINY_TRAIN = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6", "train.log_every=1",
-              "train.checkpoint_every=2", "train.lr=1e-3", "train.warmup_frac=0.25"]
+              "train.checkpoint_every=2", "train.lr=1e-3", "train.warmup_frac=0.25", "model.num_queries=64"]
 
 
 def tiny_train(*overrides: str):
@@ -141,32 +143,26 @@ def signal_the_worker(out: Path, *, after_step: int, signum: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
+def test_resume_continues_exactly_and_a_killed_worker_restarts_from_the_last_checkpoint(
+        ray_local, prepared_mels, teacher_cache, straight, tmp_path):
+    """A run stopped at step 2 (train.stop_at_step) and submitted again resumes there: its first new step is 3.
+    In that resumed run the training worker is SIGKILLed once step 3 is logged: Ray Train's FailureConfig restarts
+    the worker group, which resumes from the latest checkpoint (step 2's or step 4's, never the start) and ends
+    where an uninterrupted run ends, every step's losses equal to it."""
     from pipeline.train import run_training
 
-    resumed = tmp_path / "resumed"
-    first = run_training(tiny_train("train.stop_at_step=2"), str(prepared_mels), str(teacher_cache), str(resumed))
+    out = tmp_path / "resumed"
+    first = run_training(tiny_train("train.stop_at_step=2"), str(prepared_mels), str(teacher_cache), str(out))
     assert first.metrics["step"] == 2
-    run_training(tiny_train(), str(prepared_mels), str(teacher_cache), str(resumed))
-    got = read_metrics(resumed)
-    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
-    assert_same_losses(got, straight)
-
-
-@pytest.mark.slow
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, prepared_mels, teacher_cache, straight, tmp_path):
-    """SIGKILL the training worker mid-run: Ray Train's FailureConfig restarts the worker group, which
-    resumes from the latest checkpoint and ends where an uninterrupted run ends."""
-    from pipeline.train import run_training
-
-    out = tmp_path / "failing"
-    # Step 3 is logged after step 2's checkpoint was reported: kill then, with steps still to go.
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    # Step 3 is logged after the resumed run restored step 2's checkpoint: kill then, with steps still to go.
     killed = signal_the_worker(out, after_step=3, signum=signal.SIGKILL)
     result = run_training(tiny_train("train.max_failures=1"), str(prepared_mels), str(teacher_cache), str(out))
     assert killed, "the worker was never killed"
     assert result.error is None and result.metrics["step"] == 6
     got = read_metrics(out)
     steps = [m["step"] for m in got]
+    assert steps[:3] == [1, 2, 3] and min(steps[2:]) == 3, steps  # resumed at step 2, and restarted no earlier
     assert len(steps) > len(set(steps)), f"no step ran twice, so no restart happened: {steps}"
     assert_same_losses(got, straight)
 
@@ -177,17 +173,26 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_same_command_resumes(
     """A spot VM's notice: SIGTERM to the training worker after step 2. It finishes its step, checkpoints there and
     the run ends cleanly: no restart (train.max_failures=1 would allow one), the job exits PREEMPTED_EXIT and says
     where it stopped. The same command again resumes, and every step's losses equal an uninterrupted run's. No
-    periodic checkpoints (checkpoint_every=100): the one to resume from is the SIGTERM's."""
+    periodic checkpoints (checkpoint_every=100): the one to resume from is the SIGTERM's.
+
+    With all four loggers (tests/test_loggers.py reads them back), this is also their wiring through a real
+    training run: the preemption ends the MLflow run KILLED and the W&B run with exit code 75, and the same command
+    goes on in both runs to the last step; each holds the config and the JSONL log's steps, under its names."""
     from ray._private.state import actors
+    from test_loggers import mlflow_run, mlflow_steps, read_jsonl, state, wandb_runs, wandb_summary
 
     from jobs import train as job
+    from pipeline import tracking
     from pipeline.export import resolve_checkpoint
     from pipeline.train import PREEMPTED_EXIT
 
     out = tmp_path / "spot"
+    overrides = [*TINY_TRAIN, "train.checkpoint_every=100", "train.max_failures=1",
+                 "train.loggers=[jsonl,tensorboard,mlflow,wandb]", "train.wandb.mode=offline",
+                 f"train.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    params = tracking.flatten(load_config("tiny", overrides).to_dict())
     monkeypatch.setattr("sys.argv", ["jobs.train", "--config", "tiny", "--mels", str(prepared_mels), "--teacher",
-                                     str(teacher_cache), "--output", str(out), *TINY_TRAIN,
-                                     "train.checkpoint_every=100", "train.max_failures=1"])
+                                     str(teacher_cache), "--output", str(out), *overrides])
     sent = signal_the_worker(out, after_step=2, signum=signal.SIGTERM)
     with caplog.at_level("WARNING", logger="pipeline.train"):
         assert job.run() == PREEMPTED_EXIT
@@ -200,11 +205,28 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_same_command_resumes(
     assert f"preempted (SIGTERM) at step {stopped} of 6: checkpoint {checkpoint}" in caplog.text
     worker = next(a for a in actors().values() if a["Pid"] == sent[0])
     assert "SIGTERM" not in str(worker["DeathCause"]), worker  # Ray Train ended it once its loop returned
+    logged = read_jsonl(out)
+    assert {"loss", "distill", "align", "lr", "examples_per_s"} <= set(logged[1]), logged
+    client, run = mlflow_run(out)
+    assert run.info.status == "KILLED" and mlflow_steps(client, run) == logged
+    (records,) = wandb_runs(out)
+    assert wandb_summary(records) == (json.loads(json.dumps(params)), logged, tracking.EXIT_CODES["preempted"])
 
     assert job.run() == 0
     got = read_metrics(out)
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
     assert_same_losses(got, straight)  # to float32 rounding: two uninterrupted runs differ by as much
+    logged = read_jsonl(out)
+    client, again = mlflow_run(out)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.params == {k: str(v) for k, v in params.items()}
+    assert mlflow_steps(client, again) == logged
+    first, second = wandb_runs(out)
+    config, wandb_steps, exit_code = wandb_summary(second)
+    assert config == json.loads(json.dumps(params)) and exit_code == 0
+    assert {**wandb_summary(first)[1], **wandb_steps} == logged
+    assert {r["run"]["run_id"] for r in first + second if r["type"] == "run"} == {state(out)["wandb"]["id"]}
+    assert list(out.glob("logs/events.out.tfevents.*"))
 
 
 # Full-batch steps on the 16 clips, 64 queries (the bundled transcripts average 30 tokens, the few
