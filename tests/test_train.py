@@ -375,13 +375,14 @@ def test_the_topk_kl_term_runs_end_to_end(ray_local, sixteen, tmp_path):
     mels, _ = sixteen
     cfg = load_config("tiny", ["prepare.splits=[train]", "prepare.limit=16", "teacher.top_k=8", "train.w_kl=0.5",
                                "train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=2",
-                               "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3"])
+                               "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",
+                               "model.num_queries=64"])
     teacher = tmp_path / "teacher"
     run_teacher(cfg, str(mels), str(teacher))
     tok = load_tokenizer(cfg.teacher)
     expect = target_spec(cfg.teacher, tok, derive_template(tok))
     ds, info = training_dataset(str(mels), str(teacher), expect=expect, split="train", topk=True)
-    batch = collate(ds.take_batch(4, batch_format="numpy"), **info["collate"], num_queries=448)
+    batch = collate(ds.take_batch(4, batch_format="numpy"), **info["collate"], num_queries=cfg.model.num_queries)
     assert batch["topk_ids"].shape == batch["topk_logprobs"].shape == (4, 8)
 
     model = build_student(cfg).eval()
