@@ -193,7 +193,7 @@ def test_teacher_and_training_with_response_positions(ray_local, sixteen_mels, t
     k = 4
     run = cfg("prepare.splits=[train]", "prepare.limit=16", f"teacher.response_tokens={k}",
               "train.distill_positions=3", "train.global_batch_size=8", "train.micro_batch_size=8",
-              "train.steps=2", "train.log_every=1", "train.checkpoint_every=2")
+              "train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "model.num_queries=64")
     mels, teacher = sixteen_mels, tmp_path / "teacher"  # `run`'s stage 1: the 16 train clips
     manifest = run_teacher(run, str(mels), str(teacher))
     assert manifest["response_tokens"] == k
