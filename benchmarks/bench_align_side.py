@@ -106,15 +106,20 @@ def train(base, side: str, train_data, eval_sets, table, args) -> list[dict]:
     return log
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_parser(doc: str, steps: int, eval_every: int) -> argparse.ArgumentParser:
+    """The options every alignment probe takes: the small corpus's datasets, the loop's length and lr."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--mels", default="runs/exp/mels")
     p.add_argument("--teacher", default="runs/exp/teacher")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--eval-every", type=int, default=75)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--clips", type=int, default=2400, help="train clips whose encoder outputs are kept")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = probe_parser(__doc__, steps=150, eval_every=75).parse_args()
     torch.manual_seed(0)
     cfg = load_config("small")
     base = build_student(cfg, seed=0)

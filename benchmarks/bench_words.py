@@ -22,7 +22,6 @@ runs/bench/words.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_align_side import descend, encoded, token_accuracy, trainable_copy  # noqa: E402
+from bench_align_side import descend, encoded, probe_parser, token_accuracy, trainable_copy  # noqa: E402
 
 from pipeline.builders import load_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -159,7 +158,7 @@ def learn(name: str, base, train_set: dict, questions: dict, head: torch.Tensor,
             else:
                 acc = token_accuracy(model, (questions["audio"], questions["ids"], questions["lengths"]), "left", table)
             model.train()
-            row = {"objective": name, "step": step, "examples": 16 * step, "loss": round(float(loss), 3),
+            row = {"objective": name, "step": step, "examples": 16 * step, "loss": round(loss.item(), 3),
                    "question_token_accuracy": round(acc, 3), "s_per_step": round((time.perf_counter() - t0) / step, 2)}
             log.append(row)
             print(json.dumps(row), flush=True)
@@ -167,19 +166,13 @@ def learn(name: str, base, train_set: dict, questions: dict, head: torch.Tensor,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mels", default="runs/exp/mels")
-    p.add_argument("--teacher", default="runs/exp/teacher")
+    p = probe_parser(__doc__, steps=200, eval_every=100)
     p.add_argument("--questions", type=int, default=16, help="held-out question clips for part 1")
     p.add_argument("--wrong", type=float, nargs="*", default=[0.1, 0.25, 0.5], help="shares of wrong tokens, part 1")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--show", type=int, default=2, help="print the answers for this many questions")
     p.add_argument("--objectives", nargs="*", default=["l2", "l2+ce", "whisper-ce"])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--clips", type=int, default=2400, help="train clips whose encoder outputs are kept")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = load_config("small")
