@@ -17,13 +17,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import FEW_QUERIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # 64 queries (less than half the preset's step cost) and 30 steps: training goes on well past the prepare job's Ray
 # start, and ends sooner than 20 steps with the preset's 448 queries.
 TRAIN = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=30", "train.log_every=1",
-         "train.checkpoint_every=100", "model.num_queries=64"]
+         "train.checkpoint_every=100", FEW_QUERIES]
 # What a warning or an error line says; Ray Data's progress lines (INFO) legitimately repeat.
 ALARM = re.compile(r"warn|error|fail|traceback|exception", re.IGNORECASE)
 STAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FEW_QUERIES
 
 from pipeline.report import plot_loss, read_metrics, training_summary
 
@@ -57,7 +58,7 @@ def test_embedded_default_runs_end_to_end(ray_local, tmp_path):
     out = tmp_path / "local"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "jobs.local", "--config", "tiny", "--output", str(out),
-           "train.steps=6", "train.log_every=2", "train.checkpoint_every=3", "model.num_queries=64"]
+           "train.steps=6", "train.log_every=2", "train.checkpoint_every=3", FEW_QUERIES]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     for name in ("mels", "teacher", "train", "model", "eval"):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import FEW_QUERIES
 
 from pipeline import cache
 from pipeline.backends import PlainBackend
@@ -193,7 +194,7 @@ def test_teacher_and_training_with_response_positions(ray_local, sixteen_mels, t
     k = 4
     run = cfg("prepare.splits=[train]", "prepare.limit=16", f"teacher.response_tokens={k}",
               "train.distill_positions=3", "train.global_batch_size=8", "train.micro_batch_size=8",
-              "train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "model.num_queries=64")
+              "train.steps=2", "train.log_every=1", "train.checkpoint_every=2", FEW_QUERIES)
     mels, teacher = sixteen_mels, tmp_path / "teacher"  # `run`'s stage 1: the 16 train clips
     manifest = run_teacher(run, str(mels), str(teacher))
     assert manifest["response_tokens"] == k

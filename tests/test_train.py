@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FEW_QUERIES
 
 from pipeline.backends import PlainBackend
 from pipeline.checkpoint import Checkpoint, TrainState
@@ -88,10 +89,8 @@ def read_metrics(out: Path) -> list[dict]:
 # --- Ray Train on CPU ----------------------------------------------------------------------------------
 
 
-# 64 queries, not the preset's 448: what these runs check (resuming, restarting, stopping) does not depend on the
-# number of queries, and each step costs less than half.
 TINY_TRAIN = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6", "train.log_every=1",
-              "train.checkpoint_every=2", "train.lr=1e-3", "train.warmup_frac=0.25", "model.num_queries=64"]
+              "train.checkpoint_every=2", "train.lr=1e-3", "train.warmup_frac=0.25", FEW_QUERIES]
 
 
 def tiny_train(*overrides: str):
@@ -234,7 +233,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_same_command_resumes(
 # encoder's outputs cached (no value changes: tests/test_step.py); the rest is the tiny preset.
 # Measured: agreement 1.00 with train.seed 0 and 7 (0.875 with 448 queries on CI's CPU).
 OVERFIT = ["train.global_batch_size=16", "train.micro_batch_size=16", "train.steps=400", "train.log_every=25",
-           "train.checkpoint_every=400", "train.cache_encoder=true", "model.num_queries=64"]
+           "train.checkpoint_every=400", "train.cache_encoder=true", FEW_QUERIES]
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +261,7 @@ def test_two_workers_follow_one_worker(ray_local, sixteen, tmp_path):
     mels, teacher = sixteen
     base = ["train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=3", "train.log_every=1",
             "train.checkpoint_every=3", "train.lr=3e-3", "train.warmup_frac=0.34", "train.cpus_per_worker=0.5",
-            "train.align_reduction=sum", "model.num_queries=64"]
+            "train.align_reduction=sum", FEW_QUERIES]
     runs = {}
     for name, extra in (("one", ["train.num_workers=1"]), ("two", ["train.num_workers=2"]),
                         ("fsdp", ["train.num_workers=2", "train.fsdp=true", "train.micro_batch_size=4",
@@ -376,7 +375,7 @@ def test_the_topk_kl_term_runs_end_to_end(ray_local, sixteen, tmp_path):
     cfg = load_config("tiny", ["prepare.splits=[train]", "prepare.limit=16", "teacher.top_k=8", "train.w_kl=0.5",
                                "train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=2",
                                "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",
-                               "model.num_queries=64"])
+                               FEW_QUERIES])
     teacher = tmp_path / "teacher"
     run_teacher(cfg, str(mels), str(teacher))
     tok = load_tokenizer(cfg.teacher)
