@@ -14,6 +14,7 @@ report.json (metrics, answers to several spoken questions) and loss.png.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_SHOWN = 6
+log = logging.getLogger(__name__)
 
 
 def question_clip(mels_url: str, split: str) -> tuple[str, str]:
@@ -61,7 +63,7 @@ def stages(cfg: Any, out: Path, seconds: dict[str, float]) -> dict[str, Any]:
     from pipeline.export import export_checkpoint, export_untrained
     from pipeline.prepare import run_prepare
     from pipeline.teacher import run_teacher
-    from pipeline.train import run_training
+    from pipeline.train import finished_step, run_training
 
     paths = {name: str(out / name) for name in layout.LOCAL_STAGES} | {"untrained": str(out / "model-untrained")}
 
@@ -78,7 +80,11 @@ def stages(cfg: Any, out: Path, seconds: dict[str, float]) -> dict[str, Any]:
     baseline = None
     if cfg.eval.answers:
         baseline = timed("export untrained", export_untrained, cfg, paths["untrained"], overwrite=True)
-    timed("train", run_training, cfg, paths["mels"], paths["teacher"], paths["train"])
+    done = finished_step(cfg.train, paths["train"])  # a re-run need not start Ray Train to learn that it is done
+    if done is None:
+        timed("train", run_training, cfg, paths["mels"], paths["teacher"], paths["train"])
+    else:
+        log.info("train: %s is at step %d already; nothing to do", paths["train"], done)
     timed("export", export_checkpoint, paths["train"], paths["model"], overwrite=True)
     tasks = [str(t if Path(t).exists() else ROOT / t) for t in cfg.eval.tasks]
     got["evaluation"] = timed("evaluate", run_evaluate, paths["model"], paths["eval"], cfg.eval,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import PipelineError, cache
+from pipeline import PipelineError, cache, layout
 from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template
 from pipeline.config import ClusterConfig, Config, EvalConfig, from_dict
 from pipeline.export import audio_settings, load_model, local_model_dir, read_config
@@ -560,7 +561,8 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     """Evaluate and write everything under `output_url` (see the module docstring); returns the summary.
     With `ecfg.answers`, the split's clips are also answered and scored (pipeline.qa), by this model and by
     `baseline` (another model directory, e.g. the untrained export) beside the cascade. Manifests are
-    checked before any model loads; files from an earlier evaluation there are replaced."""
+    checked before any model loads. An earlier evaluation there of the same inputs (`evaluation_inputs`) is
+    returned as it is; one of other inputs is replaced."""
     if (mels_url is None) != (teacher_url is None):
         raise EvalError("the distillation metrics need both a prepared dataset (mels) and its teacher cache")
     if mels_url is None and not manifests:
@@ -573,6 +575,12 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     summary: dict[str, Any] = {"model": model_dir, "model_source": config.get("source", {}).get("checkpoint"),
                                "step": config.get("source", {}).get("step"), "config": dataclasses.asdict(ecfg),
                                "versions": cache.versions("torch", "transformers", "ray", "sacrebleu")}
+    summary["inputs_sha256"] = cache.fingerprint(evaluation_inputs(
+        config, baseline, ecfg, mels_url, teacher_url, manifests, summary["versions"]))
+    earlier = cache.read_json(fs, cache.join(root, SUMMARY))
+    if earlier is not None and earlier.get("inputs_sha256") == summary["inputs_sha256"]:
+        log.info("evaluate: %s already holds this evaluation (same model, data, settings); nothing to do", output_url)
+        return earlier
     if mels_url is not None:
         summary["distillation"] = _write_distillation(model_dir, mels_url, teacher_url, ecfg, fs, root)
     if mels_url is not None and ecfg.answers:
@@ -583,6 +591,24 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     fs.makedirs(root, exist_ok=True)
     cache.write_json(fs, cache.join(root, SUMMARY), summary)
     return summary
+
+
+def evaluation_inputs(config: Mapping[str, Any], baseline: str | None, ecfg: EvalConfig, mels_url: str | None,
+                      teacher_url: str | None, manifests: Sequence[str], versions: Mapping[str, str]) -> dict[str, Any]:
+    """Everything an evaluation's results follow from: the model's config.json (its trainable weights' sha256
+    included) and the baseline's, the eval settings, the datasets' manifests, the task manifests' bytes, and
+    the package versions. (Audio files a task manifest names are identified by their path only.)"""
+    def dataset(url: str | None, kind: str) -> str | None:
+        return None if url is None else cache.fingerprint(cache.check_manifest(url, kind=kind))
+
+    def file_sha(url: str) -> str:
+        fs, path = cache.filesystem(url)
+        return hashlib.sha256(fs.cat_file(path)).hexdigest()
+
+    return {"model": config, "baseline": read_config(local_model_dir(baseline)) if baseline else None,
+            "eval": dataclasses.asdict(ecfg), "mels": dataset(mels_url, layout.MELS_KIND),
+            "teacher": dataset(teacher_url, layout.TEACHER_KIND), "tasks": [file_sha(m) for m in manifests],
+            "versions": dict(versions)}
 
 
 def _write_distillation(model_dir: str, mels_url: str, teacher_url: str | None, ecfg: EvalConfig, fs: Any,

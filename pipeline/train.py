@@ -120,6 +120,20 @@ def last_step(tcfg: Any) -> int:
     return min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
 
 
+def finished_step(tcfg: Any, output_url: str) -> int | None:
+    """The step of the run's latest complete checkpoint under `output_url` when it has reached this submission's
+    last step, else None: a caller that only wants the run done (jobs.local) need not start Ray Train to learn
+    that there is nothing to do. The checkpoint's files are verified by whoever reads it next (export)."""
+    from pipeline.export import ExportError, resolve_checkpoint
+
+    try:
+        fs, root = cache.filesystem(resolve_checkpoint(output_url))
+    except ExportError:
+        return None  # no complete checkpoint yet
+    step = int((cache.read_json(fs, cache.join(root, ckpt.META)) or {}).get("state", {}).get("step", -1))
+    return step if step >= last_step(tcfg) else None
+
+
 def preempted(result: Any) -> bool:
     """Whether a fit ended on SIGTERM (its last report says so) rather than at its last step."""
     return bool((result.metrics or {}).get("preempted"))

@@ -3,7 +3,9 @@ forward and a known answer, generation scores against sacrebleu, bad manifest ro
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +31,7 @@ from pipeline.evaluate import (
     corpus_bleu,
     distill_metrics,
     evaluate_distillation,
+    evaluation_inputs,
     exact_match,
     label_logprobs,
     normalise,
@@ -38,7 +41,7 @@ from pipeline.evaluate import (
     run_evaluate,
     weighted_f1,
 )
-from pipeline.export import export_checkpoint, load_model
+from pipeline.export import export_checkpoint, load_model, read_config
 from pipeline.features import restore_row
 from pipeline.model import build_student
 from pipeline.teacher import decode_target
@@ -416,6 +419,30 @@ def test_unreadable_audio_is_reported_on_its_row_and_bad_rows_are_skipped(evalua
     rows = read_jsonl(out / "tasks" / "mixed" / "examples.jsonl")
     assert [(r["line"], r["error"] is None, r["prediction"] is None) for r in rows] == [(1, True, False),
                                                                                        (2, False, True)]
+
+
+def test_the_same_evaluation_again_is_not_redone(evaluated, model_dir, prepared_mels, teacher_cache, caplog):
+    """Idempotent: the same model, data and settings into the same directory return the summary there, and
+    write nothing; a change to any of them is a new evaluation (its fingerprint differs)."""
+    out, summary = evaluated
+    manifests = [str(m) for m in MANIFESTS] + [str(out.parent / "mixed.jsonl")]
+    ecfg = EvalConfig(split="dev", batch_size=4, max_new_tokens=MAX_NEW_TOKENS, skip_bad_rows=True)
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluate"):
+        again = run_evaluate(str(model_dir), str(out), ecfg, mels_url=str(prepared_mels),
+                             teacher_url=str(teacher_cache), manifests=manifests)
+    assert again == json.loads((out / "summary.json").read_text()) and again["tasks"] == summary["tasks"]
+    assert "nothing to do" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+
+    config = read_config(str(model_dir))
+    args = (config, None, ecfg, str(prepared_mels), str(teacher_cache), manifests, summary["versions"])
+    base = cache.fingerprint(evaluation_inputs(*args))
+    assert summary["inputs_sha256"] == base
+    other_weights = {**config, "source": {**config["source"], "trainable_sha256": "0" * 64}}
+    for changed in [(other_weights, *args[1:]), (*args[:2], dataclasses.replace(ecfg, max_new_tokens=3), *args[3:]),
+                    (*args[:5], manifests[:1], args[6]), (*args[:3], None, None, manifests, args[6])]:
+        assert cache.fingerprint(evaluation_inputs(*changed)) != base
 
 
 @pytest.mark.slow

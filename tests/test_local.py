@@ -54,7 +54,7 @@ def test_a_cut_metrics_line_is_named(tmp_path):
 def test_embedded_default_runs_end_to_end(ray_local, tmp_path):
     """The README's run command with a shorter training of a smaller student (6 steps, 64 queries: less than half the
     preset's step cost; the rest as shipped), attached to the session's Ray; its report holds real numbers and a
-    second run only confirms the outputs."""
+    second run only confirms the outputs (no training, no evaluation)."""
     out = tmp_path / "local"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "jobs.local", "--config", "tiny", "--output", str(out),
@@ -79,7 +79,10 @@ def test_embedded_default_runs_end_to_end(ray_local, tmp_path):
     text = (out / "report.md").read_text()
     assert "| dev: first-token agreement |" in text and report["question"]["transcript"] in text
 
+    evaluated = (out / "eval" / "summary.json").read_bytes()
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "nothing to do" in again.stderr
+    assert f"{out / 'train'} is at step 6 already; nothing to do" in again.stderr
+    assert "already holds this evaluation" in again.stderr
+    assert (out / "eval" / "summary.json").read_bytes() == evaluated
     assert [m["step"] for m in read_metrics(str(out / "train"))] == [m["step"] for m in metrics]
