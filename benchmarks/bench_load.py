@@ -11,8 +11,8 @@ Each corpus is made by the project's generator (`python -m jobs.corpus --clips N
 30 clips/s on 2 idle cores) unless it exists. Each size runs in a fresh child process with its own local Ray
 (--cpus, and an object store of --object-store-mb: memory is bounded by configuration or not at all), on the
 tiny preset with file and batch sizes of a real run: the stages as the jobs run them (`run_prepare`,
-`run_teacher`), then the train split as `run_training` builds it (`training_dataset` with the seeded shuffle,
-materialised only under `train.materialize_max_mb`, set low here so the split streams) iterated once by
+`run_teacher`), then the train split as `run_training` builds it (`train.training_input`: `training_dataset` with the
+seeded shuffle, materialised only under `train.materialize_max_mb`, set low here so the split streams) iterated once by
 `iter_torch_batches` + `Collate` on the driver at `train.micro_batch_size` (no model step).
 
 Memory: a thread samples every --interval s the RSS of the driver, of each Ray worker (every descendant named
@@ -171,20 +171,13 @@ def stage(sampler: Sampler, name: str, watch: list[Path], fn: Any) -> dict[str, 
 
 def ingest(cfg: Any, mels: str, teacher: str, sampler: Sampler) -> dict[str, Any]:
     """One epoch of the train split as `run_training` builds it, iterated on the driver."""
-    from pipeline.builders import load_tokenizer
-    from pipeline.ingest import Collate, training_dataset
-    from pipeline.teacher import target_spec
-    from pipeline.template import derive_template
+    from pipeline.ingest import Collate
+    from pipeline.train import training_input
 
     t = cfg.train
-    tok = load_tokenizer(cfg.teacher)
-    expect = target_spec(cfg.teacher, tok, derive_template(tok, cfg.teacher.system_prompt))
     t0 = time.time()
-    ds, info = training_dataset(mels, teacher, expect=expect, split=t.split,
-                                shuffle_seed=t.seed if t.shuffle else None)
-    materialized = info["input_bytes"] <= t.materialize_max_mb * MiB
-    if materialized:  # as run_training: a small split is read, joined and shuffled once
-        ds = ds.materialize()
+    ds, info = training_input(cfg, mels, teacher)  # as run_training: a small split is read, joined and shuffled once
+    materialized = info["materialized"]
     coll = Collate(**info["collate"], num_queries=cfg.model.num_queries)
     events, rows = [], 0
     for batch in ds.iter_torch_batches(batch_size=t.micro_batch_size, drop_last=True, collate_fn=coll):

@@ -3,7 +3,8 @@
 `collate` is pure (numpy/torch, no Ray): rows -> fixed-shape tensors, so XLA compiles one graph.
 `training_dataset` is the thin Ray Data wrapper: it checks that the two datasets belong together,
 counts what does and does not join (on the driver, from the `id` columns alone), and returns a
-lazy Dataset that reads, joins and (optionally) shuffles the rows when a trainer iterates it.
+lazy Dataset that reads, joins and (optionally) shuffles the rows when a trainer iterates it - or, for a
+split of one join partition, the rows already joined on the driver and held in the object store.
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def training_dataset(
     than `expect` (`teacher.target_spec` of the caller's LLM) or made from another mels dataset, an
     unknown split, a split where nothing joins, and files a manifest lists that are gone - unless
     `skip_missing_files`: then their rows are left out and named in the counts. Rows are joined on `id`
-    (Ray Data's hash join over `num_partitions`, default one per ~128 MiB of input) and, with
+    (Ray Data's hash join over `num_partitions`, default one per ~128 MiB of input; a split of one partition
+    is read and joined at once on the driver, the same rows in the same order) and, with
     `shuffle_seed`, put in `shuffled_order` (the same in every execution): docs/design.md, "Ingest".
     `topk`: also the teacher's cached top-k columns (the KL term's targets). `positions` > 1: also the
     teacher's response columns, refusing a cache made with fewer response tokens (train.distill_positions).
@@ -267,15 +269,41 @@ def training_dataset(
         "input_bytes": input_bytes,
         "num_partitions": num_partitions,
     }
-    with _shuffle_batches(SHUFFLE_BATCH_BYTES):
-        left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
-        right = _read_parquet(teacher_url, target_files, TARGET_COLUMNS + (TOPK_COLUMNS if topk else [])
-                              + (RESPONSE_COLUMNS if positions > 1 else []))
-        ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
-        if shuffle_seed is not None:
-            ds = _shuffle(ds, shuffle_seed)
-    log.info("ingest: %s split of %s joined with %s: %s", split, mels_url, teacher_url, info["counts"])
+    target_columns = TARGET_COLUMNS + (TOPK_COLUMNS if topk else []) + (RESPONSE_COLUMNS if positions > 1 else [])
+    info["joined_on_driver"] = num_partitions == 1 and input_bytes <= PARTITION_BYTES
+    if info["joined_on_driver"]:
+        ds = _joined_on_driver(mels_url, mel_files, teacher_url, target_files, target_columns, split, shuffle_seed)
+    else:
+        with _shuffle_batches(SHUFFLE_BATCH_BYTES):
+            left = _read_parquet(mels_url, mel_files, MEL_COLUMNS, [("split", "==", split)])
+            right = _read_parquet(teacher_url, target_files, target_columns)
+            ds = left.join(right, join_type="inner", num_partitions=num_partitions, on=("id",))
+            if shuffle_seed is not None:
+                ds = _shuffle(ds, shuffle_seed)
+    log.info("ingest: %s split of %s joined with %s%s: %s", split, mels_url, teacher_url,
+             " (on the driver)" if info["joined_on_driver"] else "", info["counts"])
     return ds, info
+
+
+def _joined_on_driver(mels_url: str, mel_files: list[str], teacher_url: str, target_files: list[str],
+                      target_columns: list[str], split: str, shuffle_seed: int | None) -> ray.data.Dataset:
+    """The same rows in the same order as the Ray Data join (and sort), for a split of one join partition: read and
+    joined here with pyarrow, then put in the object store. Ray Data's hash join starts its aggregator actors,
+    ~8 s on 2 cores whatever the size, which for a small split costs more than reading it."""
+    import ray.data
+
+    left = _read_columns(mels_url, mel_files, MEL_COLUMNS, filters=[("split", "==", split)])
+    right = _read_columns(teacher_url, target_files, target_columns)
+    where = pc.index_in(left.column("id"), value_set=right.column("id").combine_chunks())  # ids are unique
+    found = pc.is_valid(where)
+    table = left.filter(found)
+    picked = right.drop_columns(["id"]).take(where.filter(found))
+    for name in picked.column_names:
+        table = table.append_column(name, picked.column(name))
+    if shuffle_seed is not None:
+        table = table.append_column(SHUFFLE_KEY, pa.array(shuffle_key(table.column("id").to_pylist(), shuffle_seed)))
+        table = table.take(pc.sort_indices(table, [(SHUFFLE_KEY, "ascending"), ("id", "ascending")]))
+    return ray.data.from_arrow(table)
 
 
 @contextlib.contextmanager
@@ -351,13 +379,14 @@ def _describe_missing(missing: dict[str, list[str]]) -> str:
                      for kind, names in missing.items() if names)
 
 
-def _read_columns(url: str, paths: list[str], columns: list[str]) -> pa.Table:
+def _read_columns(url: str, paths: list[str], columns: list[str],
+                  filters: list[tuple[str, str, Any]] | None = None) -> pa.Table:
     """Some columns of many Parquet files, read in parallel (one request per file matters on gs://)."""
     fs, _ = cache.filesystem(url)
     if not paths:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        tables = list(pool.map(lambda p: cache.read_parquet(fs, p, columns=columns), paths))
+        tables = list(pool.map(lambda p: cache.read_parquet(fs, p, columns=columns, filters=filters), paths))
     return pa.concat_tables(tables)
 
 

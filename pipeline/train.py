@@ -234,24 +234,17 @@ def require_workers(cfg: Config, scaling: Any) -> None:
             timeout_s=cfg.cluster.autoscaler_timeout_s)
 
 
-def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) -> Any:
-    """Fit (or resume: Ray Train restores <output>/train's latest checkpoint) and return the Result."""
-    import pyarrow.fs as pafs
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
-
-    from pipeline.backends import trainer_and_scaling
-    from pipeline.builders import check_features, config_for_workers, load_tokenizer
+def training_input(cfg: Config, mels_url: str, teacher_url: str) -> tuple[Any, dict[str, Any]]:
+    """The run's Dataset of joined rows and `training_dataset`'s info (plus `expect`, the targets' spec, and
+    `materialized`): what run_training trains on and benchmarks/bench_load.py iterates."""
+    from pipeline.builders import load_tokenizer
     from pipeline.ingest import training_dataset
     from pipeline.teacher import target_spec
     from pipeline.template import derive_template
 
-    trainer_cls, scaling = trainer_and_scaling(cfg.train)
-    require_workers(cfg, scaling)  # first: a request the cluster can never meet fails in seconds
-    tracked = tracking.for_workers(cfg, output_url)  # the loggers' packages, the MLflow URI
-    check_features(cfg)
+    tcfg = cfg.train
     tokenizer = load_tokenizer(cfg.teacher)
     expect = target_spec(cfg.teacher, tokenizer, derive_template(tokenizer, cfg.teacher.system_prompt))
-    tcfg = cfg.train
     ds, info = training_dataset(mels_url, teacher_url, expect=expect, split=tcfg.split,
                                 shuffle_seed=tcfg.seed if tcfg.shuffle else None, topk=tcfg.w_kl > 0,
                                 positions=tcfg.distill_positions)
@@ -261,12 +254,31 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
         raise ConfigError(f"{mels_url} holds {made[0]}-bin log-Mels in {made[1]}-frame windows, this run's features "
                           f"are {cfg.features.n_mels} bins x {cfg.features.n_frames} frames: prepare it with the "
                           "same features.* settings")
-    if info["input_bytes"] <= tcfg.materialize_max_mb * 2**20:
+    info |= {"expect": expect, "materialized": info["joined_on_driver"]
+             or info["input_bytes"] <= tcfg.materialize_max_mb * 2**20}
+    if info["materialized"]:
         # Small enough to hold: read, join and shuffle once, and let every epoch stream from memory.
         # Otherwise each epoch re-runs the whole pipeline, which for a few clips costs more than the step.
-        ds = ds.materialize()
+        ds = ds if info["joined_on_driver"] else ds.materialize()
         log.info("train: the %s split (%.1f MB on disk) is materialised in the object store", tcfg.split,
                  info["input_bytes"] / 2**20)
+    return ds, info
+
+
+def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) -> Any:
+    """Fit (or resume: Ray Train restores <output>/train's latest checkpoint) and return the Result."""
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+
+    from pipeline.backends import trainer_and_scaling
+    from pipeline.builders import check_features, config_for_workers
+
+    trainer_cls, scaling = trainer_and_scaling(cfg.train)
+    require_workers(cfg, scaling)  # first: a request the cluster can never meet fails in seconds
+    tracked = tracking.for_workers(cfg, output_url)  # the loggers' packages, the MLflow URI
+    check_features(cfg)
+    tcfg = cfg.train
+    ds, info = training_input(cfg, mels_url, teacher_url)
     fs, root = cache.filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
     if cache.is_local(fs):  # the workers' working directory is not the driver's
@@ -276,7 +288,7 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
         # The run's config as given (what checkpoints record), and with local model directories made
         # absolute for the workers, whose working directory is not the driver's.
         train_loop_config={"cfg": cfg.to_dict(), "worker_cfg": config_for_workers(tracked).to_dict(),
-                           "output": output_url, "target_dtype": expect["target_dtype"],
+                           "output": output_url, "target_dtype": info["expect"]["target_dtype"],
                            "threads": max(1, (os.cpu_count() or 1) // tcfg.num_workers)},
         scaling_config=scaling,
         run_config=RunConfig(name=layout.TRAIN_RUN, storage_path=root,

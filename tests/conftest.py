@@ -89,7 +89,8 @@ def ray_local(gcs):
     so that its workers inherit the emulator's env, as a user's cluster inherits real credentials."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance even where another is running (a parallel test worker's, a `ray start` head).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -7,8 +7,10 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -140,7 +142,7 @@ def test_batches_have_static_shapes_and_the_seed_fixes_the_order(prepared_mels, 
     fs.put(str(prepared_mels), f"{bucket}/mels", recursive=True)
     fs.put(str(teacher_cache), f"{bucket}/teacher", recursive=True)
     fs.invalidate_cache()
-    ds, info = training_dataset(f"gs://{bucket}/mels", f"gs://{bucket}/teacher", shuffle_seed=7)
+    ds, info = training_dataset(f"gs://{bucket}/mels", f"gs://{bucket}/teacher", shuffle_seed=7, num_partitions=2)
     # Clips are told apart by their restored features (their transcripts, hence targets, may repeat).
     by_features = {hashlib.sha256(restore_row(r["mel"], r["mel_pad_value"], FEATURES).tobytes()).hexdigest(): r["id"]
                    for r in rows}
@@ -159,6 +161,28 @@ def test_batches_have_static_shapes_and_the_seed_fixes_the_order(prepared_mels, 
     assert shuffled_order(ids, 7) != ids
 
 
+def test_a_split_of_one_partition_is_joined_on_the_driver_into_the_same_rows(prepared_mels, teacher_cache):
+    """Below one join partition the rows are joined on the driver (no Ray Data join): every column of every row,
+    and the seeded order, equal Ray Data's join and sort; the rows are in the object store already."""
+    from ray.data.dataset import MaterializedDataset
+
+    def rows(**kw: Any) -> tuple[list[dict], dict]:
+        ds, info = training_dataset(str(prepared_mels), str(teacher_cache), split="train", **kw)
+        assert isinstance(ds, MaterializedDataset) == info["joined_on_driver"]
+        return pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None)).to_pylist(), info
+
+    for seed in (7, None):
+        here, info = rows(shuffle_seed=seed)
+        by_ray, ray_info = rows(shuffle_seed=seed, num_partitions=2)
+        assert info["joined_on_driver"] and not ray_info["joined_on_driver"]
+        assert len(here) == info["counts"]["matched"] > 0
+        if seed is None:  # the join alone promises no order
+            here, by_ray = (sorted(r, key=lambda row: row["id"]) for r in (here, by_ray))
+        else:
+            assert [r["id"] for r in here] == shuffled_order(sorted(r["id"] for r in here), seed)
+        assert here == by_ray
+
+
 def test_shuffles_gather_at_most_one_partition(prepared_mels, teacher_cache):
     """The join's and the sort's map tasks gather at most SHUFFLE_BATCH_BYTES of input each (Ray Data's 1 GiB
     default had one task hold the whole split: memory grew with the corpus, benchmarks/bench_load.py); the
@@ -167,7 +191,7 @@ def test_shuffles_gather_at_most_one_partition(prepared_mels, teacher_cache):
 
     ctx = ray.data.DataContext.get_current()
     before = ctx.shuffle_input_batch_bytes
-    ds, _ = training_dataset(str(prepared_mels), str(teacher_cache), split="train", shuffle_seed=0)
+    ds, _ = training_dataset(str(prepared_mels), str(teacher_cache), split="train", shuffle_seed=0, num_partitions=2)
     assert ds.context.shuffle_input_batch_bytes == ingest.SHUFFLE_BATCH_BYTES < before
     assert ctx.shuffle_input_batch_bytes == before
 
