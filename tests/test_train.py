@@ -82,6 +82,22 @@ def test_checkpoint_round_trip(student, tmp_path):
     assert names == set(student.trainable_parameters()) and not any(n.startswith(("llm.", "encoder.")) for n in names)
 
 
+def test_finished_step_is_the_latest_checkpoint_at_or_past_the_last_step(tmp_path):
+    """What lets jobs.local skip Ray Train on a re-run: a run whose latest complete checkpoint reached this
+    submission's last step (train.steps, or train.stop_at_step) is finished; an unfinished or empty one is not."""
+    from helpers import nudged_run
+
+    from pipeline.train import finished_step
+
+    cfg = load_config("tiny")
+    assert finished_step(cfg.train, str(tmp_path / "nothing")) is None
+    run = nudged_run(tmp_path / "run")  # its checkpoint is at step 3
+    (run / "train" / "checkpoint_2025-01-01_11-00-00.000001").mkdir()  # a later one, never completed
+    assert finished_step(load_config("tiny", ["train.steps=6"]).train, str(run)) is None
+    assert finished_step(load_config("tiny", ["train.steps=3"]).train, str(run)) == 3
+    assert finished_step(load_config("tiny", ["train.steps=6", "train.stop_at_step=2"]).train, str(run)) == 3
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
