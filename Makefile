@@ -4,7 +4,7 @@
 setup:
 	bash scripts/setup.sh
 
-# ruff, the main suite in .venv and, beside it, the torch_xla suite in .venv-xla (scripts/test.sh says why).
+# ruff, the main suite in .venv, then the torch_xla suite in .venv-xla (built while the main suite runs).
 test: setup
 	bash scripts/test.sh
 
