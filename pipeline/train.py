@@ -66,10 +66,25 @@ def resume(backend: Any, model: Any, optimizer: torch.optim.Optimizer, rank: int
     restored = ray.train.get_checkpoint()
     if not restored:
         return ckpt.TrainState()
-    with restored.as_directory() as d:
-        state = backend.load(ckpt.Checkpoint(d), model, optimizer)
+    state = backend.load(ckpt.Checkpoint(stored_url(restored)), model, optimizer)
     log.info("rank %d: resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batch_in_epoch)
     return state
+
+
+def stored_url(checkpoint: Any) -> str:
+    """Where a Ray Train checkpoint lies in the run's storage, as a URL pipeline.checkpoint reads in place.
+    Not `as_directory()`: on our fsspec storage it downloads into one /tmp directory per checkpoint that every
+    worker of a node shares, and a worker arriving after the first finished downloads again over the files
+    the first is reading (CI saw "checksum mismatch" on resume with two workers)."""
+    import pyarrow.fs as pafs
+
+    handler = getattr(checkpoint.filesystem, "handler", None)
+    if isinstance(handler, pafs.FSSpecHandler):
+        return handler.fs.unstrip_protocol(checkpoint.path)
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    raise ConfigError(f"checkpoint {checkpoint.path}: storage {type(checkpoint.filesystem).__name__} is not one "
+                      "run_training configures (an fsspec filesystem)")
 
 
 def save(backend: Any, model: Any, optimizer: torch.optim.Optimizer, state: ckpt.TrainState, recorded: dict,

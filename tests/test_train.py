@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import FEW_QUERIES
 
+from pipeline import cache
 from pipeline.backends import PlainBackend
 from pipeline.checkpoint import Checkpoint, TrainState
 from pipeline.config import load_config
@@ -96,6 +97,27 @@ def test_finished_step_is_the_latest_checkpoint_at_or_past_the_last_step(tmp_pat
     assert finished_step(load_config("tiny", ["train.steps=6"]).train, str(run)) is None
     assert finished_step(load_config("tiny", ["train.steps=3"]).train, str(run)) == 3
     assert finished_step(load_config("tiny", ["train.steps=6", "train.stop_at_step=2"]).train, str(run)) == 3
+
+
+def test_a_restored_checkpoint_is_read_where_it_lies(gcs, bucket, tmp_path):
+    """`resume` opens Ray Train's checkpoint in the run's storage, local or gs://, instead of Ray's shared /tmp
+    copy (which a second worker on the node re-downloads while the first reads it)."""
+    import pyarrow.fs as pafs
+    import ray.train
+    from helpers import nudged_run
+
+    from pipeline.train import stored_url
+
+    local = nudged_run(tmp_path / "run") / "train" / "checkpoint_2025-01-01_10-00-00.000001"
+    fs = gcs.fs()
+    fs.put(str(local), f"{bucket}/run/ck", recursive=True)
+    fs.invalidate_cache()
+    for storage, path, url in ((cache.filesystem(str(local))[0], str(local), f"file://{local}"),
+                               (fs, f"{bucket}/run/ck", f"gs://{bucket}/run/ck")):
+        restored = ray.train.Checkpoint(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(storage)))
+        assert stored_url(restored) == url
+        assert Checkpoint(stored_url(restored)).state.step == 3
+    assert stored_url(ray.train.Checkpoint(str(local))) == str(local)  # Ray's own local filesystem
 
 
 def read_metrics(out: Path) -> list[dict]:
