@@ -15,6 +15,11 @@ CORPUS = ROOT / "tests" / "fixtures" / "commonvoice"
 # Quiet and local: no dashboard, no usage stats, no auth prompts.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train on one test machine (inherited by every job a test starts): its controller polls the workers every
+# 0.5 s instead of 2 s, so a run's end is seen sooner, and it starts no PreemptionWatcher actor, which watches for
+# autoscaler node drains (a process start per run, and no node is ever drained here). About 6 s of a tiny run's 27.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
