@@ -75,7 +75,7 @@ def stored_url(checkpoint: Any) -> str:
     """Where a Ray Train checkpoint lies in the run's storage, as a URL pipeline.checkpoint reads in place.
     Not `as_directory()`: on our fsspec storage it downloads into one /tmp directory per checkpoint that every
     worker of a node shares, and a worker arriving after the first finished downloads again over the files
-    the first is reading (CI saw "checksum mismatch" on resume with two workers)."""
+    the first is reading (ray-project/ray#48726; our CI saw "checksum mismatch" on a two-worker resume)."""
     import pyarrow.fs as pafs
 
     handler = getattr(checkpoint.filesystem, "handler", None)
