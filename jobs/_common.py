@@ -87,6 +87,16 @@ def print_json(obj: Any) -> int:
     return 0
 
 
+def check_inputs(*datasets: tuple[str, str]) -> None:
+    """Each (url, kind) is a finished dataset of that kind whose manifest and file sizes are intact
+    (cache.check_manifest), checked before Ray starts: an unfinished run, a wrong directory or a truncated copy
+    fails in a second, not after Ray's start-up. The stage checks again where it reads."""
+    from pipeline import cache
+
+    for url, kind in datasets:
+        cache.check_manifest(url, kind=kind)
+
+
 def init_ray() -> None:
     """Join the Ray that RAY_ADDRESS names (`ray job submit` and KubeRay set it; a user may, after `ray start`), else
     start one of this job's own that ends with it. Never Ray's "find a running local instance": on a machine running

@@ -9,6 +9,7 @@ at once, naming what it asked for.
 from __future__ import annotations
 
 from jobs import _common
+from pipeline import layout
 
 ALIASES = {"--model": "teacher.model", "--device": "teacher.device", "--dtype": "teacher.dtype"}
 
@@ -17,6 +18,7 @@ def run() -> int:
     p = _common.parser(__doc__, dataset_output=True, aliases=ALIASES)
     p.add_argument("--mels", required=True, help="the prepare stage's output (local or gs://)")
     args, cfg = _common.parse(p)
+    _common.check_inputs((args.mels, layout.MELS_KIND))
     _common.init_ray()
     from pipeline.teacher import run_teacher
 

@@ -9,6 +9,7 @@ a bad config or input.
 from __future__ import annotations
 
 from jobs import _common
+from pipeline import layout
 
 
 def run() -> int:
@@ -17,6 +18,7 @@ def run() -> int:
     p.add_argument("--teacher", required=True, help="the teacher stage's cache (local or gs://)")
     p.add_argument("--output", required=True, help="run directory: checkpoints, logs (local or gs://)")
     args, cfg = _common.parse(p)
+    _common.check_inputs((args.mels, layout.MELS_KIND), (args.teacher, layout.TEACHER_KIND))
     _common.init_ray()
     from pipeline.train import PREEMPTED_EXIT, preempted, run_training
 

@@ -21,6 +21,7 @@ from pipeline.ingest import training_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when a job starts its own Ray
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -69,9 +70,10 @@ def test_a_truncated_mels_file_is_named_before_any_work(prepared_mels, tmp_path)
     mels = copy(prepared_mels, tmp_path / "mels")
     bad = first_file(mels, "mels")
     truncate(bad)
-    line = one_error_line(job("jobs.cache_teacher", "--config", "tiny", "--mels", str(mels),
-                              "--output", str(tmp_path / "teacher")))
+    done = job("jobs.cache_teacher", "--config", "tiny", "--mels", str(mels), "--output", str(tmp_path / "teacher"))
+    line = one_error_line(done)
     assert bad.name in line and "truncated or replaced" in line and "written with" in line, line
+    assert RAY_STARTED not in done.stderr, done.stderr[-3000:]  # the job checks its input before starting Ray
     assert not (tmp_path / "teacher" / "manifest.json").exists()
 
 
@@ -92,11 +94,15 @@ def test_a_corrupt_teacher_cache_stops_training_with_one_line(prepared_mels, tea
     flip(bad)
     args = ("jobs.train", "--config", "tiny", "--mels", str(prepared_mels), "--teacher", str(teacher),
             "--output", str(tmp_path / "run"), "train.steps=1")
-    line = one_error_line(job(*args))
+    done = job(*args)
+    line = one_error_line(done)
     assert bad.name in line and "not a readable Parquet file" in line, line
+    assert RAY_STARTED in done.stderr, done.stderr[-3000:]  # its sizes are intact: found by reading, on Ray
     truncate(bad)
-    line = one_error_line(job(*args))
+    done = job(*args)
+    line = one_error_line(done)
     assert bad.name in line and "truncated or replaced" in line, line
+    assert RAY_STARTED not in done.stderr, done.stderr[-3000:]
 
 
 def test_a_hand_edited_manifest_is_refused(prepared_mels, tmp_path):

@@ -77,7 +77,8 @@ def test_prepare_alongside_training_leaves_both_logs_clean(corpus, prepared_mels
     prepare = None
     try:
         assert wait_for("step 1/", train_log, train), train_log.read_text()[-3000:]
-        prepare = start("prepare", prepare_log, "--input", str(corpus), "--output", str(tmp_path / "mels"))
+        prepare = start("prepare", prepare_log, "--input", str(corpus), "--output", str(tmp_path / "mels"),
+                        "prepare.limit=16")  # as the README's local-head lines: its Ray start is what matters here
         # Both instances up at once, with training still running: what made the first job's cleaner fail.
         overlapped = wait_for("Started a local Ray instance", prepare_log, train) and train.poll() is None
         assert prepare.wait(timeout=600) == 0, prepare_log.read_text()[-3000:]
