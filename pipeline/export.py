@@ -85,7 +85,19 @@ def resolve_checkpoint(url: str) -> str:
     fs, root = cache.filesystem(url)
     if fs.exists(cache.join(root, ckpt.META)):
         return url
-    candidates: list[tuple[int, str, str]] = []
+    candidates = complete_checkpoints(url)
+    if not candidates:
+        raise ExportError(f"{url}: no checkpoint here: expected {ckpt.META} in it, or complete checkpoint_* "
+                          f"directories in it or in its {layout.TRAIN_RUN}/ directory")
+    return candidates[-1][1]
+
+
+def complete_checkpoints(run: str) -> list[tuple[int, str]]:
+    """(step, URL) of every complete checkpoint_* directory of a run directory (or of its Ray Train
+    directory, <run>/train), oldest first: by the step in its checkpoint.json, then by name. One that
+    has no checkpoint.json (an interrupted upload) is skipped, with a warning."""
+    fs, root = cache.filesystem(run)
+    found: list[tuple[int, str, str]] = []
     for base in (root, cache.join(root, layout.TRAIN_RUN)):
         if not fs.isdir(base):
             continue
@@ -97,12 +109,8 @@ def resolve_checkpoint(url: str) -> str:
             if meta is None:
                 log.warning("skipping incomplete checkpoint %s (no %s)", path, ckpt.META)
                 continue
-            candidates.append((int(meta.get("state", {}).get("step", -1)), name, path))
-    if not candidates:
-        raise ExportError(f"{url}: no checkpoint here: expected {ckpt.META} in it, or complete checkpoint_* "
-                          f"directories in it or in its {layout.TRAIN_RUN}/ directory")
-    _, _, path = max(candidates)
-    return _with_protocol(url, fs, path)
+            found.append((int(meta.get("state", {}).get("step", -1)), name, path))
+    return [(step, _with_protocol(run, fs, path)) for step, _, path in sorted(found)]
 
 
 def _with_protocol(url: str, fs: Any, path: str) -> str:

@@ -59,6 +59,13 @@ def plot_loss(metrics: Sequence[Mapping[str, Any]], png: str, title: str = "DiVA
     lines = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(title)
+    return save_png(fig, png)
+
+
+def save_png(fig: Any, png: str) -> str:
+    """Write a matplotlib figure to `png` (local or any fsspec URL) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fs, path = cache.filesystem(png)
     with fs.open(path, "wb") as f:
