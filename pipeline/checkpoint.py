@@ -22,9 +22,10 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipeline import PipelineError, cache
+
+log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "diva-ray-checkpoint", 2
 META, WEIGHTS, OPTIMIZER, SHARDS_DIR = "checkpoint.json", "trainable.safetensors", "optimizer.safetensors", "sharded"
@@ -198,8 +201,12 @@ class Checkpoint:
     def sharded(self) -> bool:
         return self.meta["layout"] == "sharded"
 
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """One of the checkpoint's safetensors files, verified."""
+    def weight_files(self) -> dict[str, str]:
+        """The files holding the trainable weights (not the optimizer's), name -> sha256."""
+        return {k: v for k, v in self.meta["files"].items() if k == WEIGHTS or k.startswith(f"{SHARDS_DIR}/weights-")}
+
+    def verified(self, name: str) -> bytes:
+        """One of the files checkpoint.json lists, its bytes checked against the sha256 recorded there."""
         expected = self.meta["files"].get(name)
         if expected is None:
             raise CheckpointError(f"{self.url}: {name} is not one of the files {META} lists")
@@ -209,6 +216,18 @@ class Checkpoint:
             raise CheckpointError(f"{self.url}: incomplete checkpoint: {name} is missing") from None
         if sha256(data) != expected:
             raise CheckpointError(f"{self.url}/{name}: checksum mismatch (the file is truncated or corrupt)")
+        return data
+
+    def verify(self, weights_only: bool = False) -> Checkpoint:
+        """Check every file (or only the weights') against its checksum before anything is loaded: a reader that
+        must not stop half-way through loading (resume) or that may take an older checkpoint instead checks first."""
+        for name in self.weight_files() if weights_only else self.meta["files"]:
+            self.verified(name)
+        return self
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """One of the checkpoint's safetensors files, verified."""
+        data = self.verified(name)
         try:
             tensors = load_safetensors(data)
         except Exception as exc:  # safetensors raises its own error types for a malformed header
@@ -240,3 +259,21 @@ class Checkpoint:
 
     def restore_rng(self) -> None:
         set_rng_state(self.meta["rng"])
+
+
+def newest_intact(candidates: Sequence[tuple[int, str]], *, weights_only: bool = False) -> Checkpoint:
+    """The newest of `candidates` ((step, URL), oldest first) that opens and whose files pass their checksums
+    (`Checkpoint.verify`). A newer one that fails is skipped with a warning naming it and why, so a run whose
+    last checkpoint was cut by a crash or a bad copy resumes or exports the one before it, saying so."""
+    problems: list[str] = []
+    for step, url in reversed(candidates):
+        try:
+            opened = Checkpoint(url).verify(weights_only)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s (step %d): %s", url, step, exc)
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("taking checkpoint %s (step %d), the newest that passes its checksums", url, step)
+        return opened
+    raise CheckpointError("no checkpoint passes its checksums: " + ("; ".join(problems) or "none given"))

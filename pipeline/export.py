@@ -92,6 +92,22 @@ def resolve_checkpoint(url: str) -> str:
     return candidates[-1][1]
 
 
+def open_checkpoint(url: str) -> ckpt.Checkpoint:
+    """A checkpoint directory as named (each file checked as it is read), or a run directory's newest complete
+    checkpoint whose weights pass their checksums: a newer one that fails is skipped, with a warning saying so
+    (`checkpoint.newest_intact`)."""
+    fs, root = cache.filesystem(url)
+    try:
+        if fs.exists(cache.join(root, ckpt.META)):
+            return ckpt.Checkpoint(url)
+        candidates = complete_checkpoints(url)
+        if not candidates:
+            resolve_checkpoint(url)  # raises the error that says where checkpoints were looked for
+        return ckpt.newest_intact(candidates, weights_only=True)
+    except ckpt.CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def complete_checkpoints(run: str) -> list[tuple[int, str]]:
     """(step, URL) of every complete checkpoint_* directory of a run directory (or of its Ray Train
     directory, <run>/train), oldest first: by the step in its checkpoint.json, then by name. One that
@@ -201,17 +217,14 @@ def export_config(cfg: Config, template: ChatTemplate, tokenizer: Any, weights: 
 # --- export -------------------------------------------------------------------------------------------
 
 
-def export_checkpoint(checkpoint: str, out: str, *, overwrite: bool = False) -> str:
-    """Write the model directory for `checkpoint` (a checkpoint dir, or a run dir: its latest) to `out`
-    (local or any fsspec URL) and return `out`. Re-exporting the same checkpoint into the same
-    directory is a no-op; another export already there is kept unless `overwrite`."""
-    checkpoint = resolve_checkpoint(checkpoint)
-    try:
-        opened = ckpt.Checkpoint(checkpoint)
-    except ckpt.CheckpointError as exc:
-        raise ExportError(str(exc)) from None
-    weight_files = {k: v for k, v in opened.meta["files"].items() if k == ckpt.WEIGHTS or "/weights-" in k}
-    source = {"checkpoint": checkpoint, "step": opened.state.step, "trainable_sha256": cache.fingerprint(weight_files)}
+def export_checkpoint(checkpoint: str | ckpt.Checkpoint, out: str, *, overwrite: bool = False) -> str:
+    """Write the model directory for `checkpoint` (a checkpoint dir, a run dir: its newest intact one, see
+    `open_checkpoint`, or one already opened) to `out` (local or any fsspec URL) and return `out`. Re-exporting
+    the same checkpoint into the same directory is a no-op; another export already there is kept unless
+    `overwrite`."""
+    opened = checkpoint if isinstance(checkpoint, ckpt.Checkpoint) else open_checkpoint(checkpoint)
+    source = {"checkpoint": opened.url, "step": opened.state.step,
+              "trainable_sha256": cache.fingerprint(opened.weight_files())}
 
     def weights() -> dict[str, torch.Tensor]:
         try:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import posixpath
 import random
 import signal
 import tempfile
@@ -66,9 +67,23 @@ def resume(backend: Any, model: Any, optimizer: torch.optim.Optimizer, rank: int
     restored = ray.train.get_checkpoint()
     if not restored:
         return ckpt.TrainState()
-    state = backend.load(ckpt.Checkpoint(stored_url(restored)), model, optimizer)
+    state = backend.load(resumable(stored_url(restored)), model, optimizer)
     log.info("rank %d: resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batch_in_epoch)
     return state
+
+
+def resumable(url: str) -> ckpt.Checkpoint:
+    """The checkpoint Ray Train restored (`url`), every file checked before any is loaded; if one fails its
+    checksum (a cut upload, a bad disk), the newest earlier checkpoint of the run that passes, with a warning
+    naming both: resuming from a corrupt file would stop the run, starting over would lose it."""
+    from pipeline.export import complete_checkpoints
+
+    def name(u: str) -> str:
+        return posixpath.basename(u.rstrip("/"))
+
+    listed = complete_checkpoints(posixpath.dirname(url.rstrip("/")))  # Ray Train's run directory
+    step = next((s for s, u in listed if name(u) == name(url)), -1)
+    return ckpt.newest_intact([(s, u) for s, u in listed if name(u) != name(url)] + [(step, url)])
 
 
 def stored_url(checkpoint: Any) -> str:
@@ -138,14 +153,14 @@ def last_step(tcfg: Any) -> int:
 def finished_step(tcfg: Any, output_url: str) -> int | None:
     """The step of the run's latest complete checkpoint under `output_url` when it has reached this submission's
     last step, else None: a caller that only wants the run done (jobs.local) need not start Ray Train to learn
-    that there is nothing to do. The checkpoint's files are verified by whoever reads it next (export)."""
-    from pipeline.export import ExportError, resolve_checkpoint
+    that there is nothing to do. Its weights must pass their checksums (`export.open_checkpoint`): a run whose
+    last checkpoint is corrupt is not done, and training resumes from the one before it."""
+    from pipeline.export import ExportError, open_checkpoint
 
     try:
-        fs, root = cache.filesystem(resolve_checkpoint(output_url))
+        step = open_checkpoint(output_url).state.step
     except ExportError:
         return None  # no complete checkpoint yet
-    step = int((cache.read_json(fs, cache.join(root, ckpt.META)) or {}).get("state", {}).get("step", -1))
     return step if step >= last_step(tcfg) else None
 
 

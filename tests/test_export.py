@@ -193,13 +193,21 @@ def test_export_is_idempotent_and_keeps_another_export(checkpoint, exported, tra
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_a_run_directory_exports_its_latest_complete_checkpoint(checkpoint, tmp_path):
-    run = tmp_path / "run"
+def two_checkpoint_run(checkpoint: Path, run: Path) -> tuple[Path, Path]:
+    """A run directory holding `checkpoint` twice, as steps 2 and 4 (the older first)."""
+    made = []
     for name, step in (("checkpoint_2025-01-01_10-00-00.000001", 2), ("checkpoint_2025-01-01_11-00-00.000001", 4)):
         shutil.copytree(checkpoint, run / "train" / name)
         meta = json.loads((run / "train" / name / "checkpoint.json").read_text())
         meta["state"]["step"] = step
         (run / "train" / name / "checkpoint.json").write_text(json.dumps(meta))
+        made.append(run / "train" / name)
+    return made[0], made[1]
+
+
+def test_a_run_directory_exports_its_latest_complete_checkpoint(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    two_checkpoint_run(checkpoint, run)
     incomplete = run / "train" / "checkpoint_2025-01-01_12-00-00.000001"  # an upload cut short
     incomplete.mkdir()
     shutil.copy(checkpoint / "trainable.safetensors", incomplete)
@@ -211,6 +219,38 @@ def test_a_run_directory_exports_its_latest_complete_checkpoint(checkpoint, tmp_
     assert read_config(out)["source"] == read_config(out)["source"] | {"checkpoint": latest, "step": 4}
     with pytest.raises(ExportError, match="no checkpoint here"):
         resolve_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_a_checkpoint_that_fails_its_checksum_is_skipped_for_the_one_before_it(checkpoint, tmp_path, caplog):
+    """Issue 12: export and resume take the newest checkpoint that passes its checksums, saying so; a checkpoint
+    named directly is never swapped for another (its corrupt file stops the export, tests/test_corrupt.py)."""
+    from pipeline.checkpoint import CheckpointError, newest_intact
+    from pipeline.train import finished_step, resumable
+
+    older, newer = two_checkpoint_run(checkpoint, tmp_path / "run")
+    assert resumable(str(newer)).state.step == 4  # both intact: the restored one itself
+    optimizer = newer / "optimizer.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit: same size, other content
+    optimizer.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        assert resumable(str(newer)).url == str(older)  # resume reads the optimizer: the older one
+    assert f"skipping checkpoint {newer} (step 4): {newer}/optimizer.safetensors: checksum mismatch" in caplog.text
+    assert f"taking checkpoint {older} (step 2)" in caplog.text
+    assert read_config(export_checkpoint(str(tmp_path / "run"), str(tmp_path / "a")))["source"]["step"] == 4
+    weights = newer / "trainable.safetensors"  # export reads the weights only: a cut weights file counts
+    weights.write_bytes(weights.read_bytes()[:1000])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        source = read_config(export_checkpoint(str(tmp_path / "run"), str(tmp_path / "b")))["source"]
+    assert source["checkpoint"] == str(older) and source["step"] == 2
+    assert "trainable.safetensors: checksum mismatch" in caplog.text
+    assert finished_step(load_config("tiny", ["train.steps=4"]).train, str(tmp_path / "run")) is None  # not done
+    with pytest.raises(ExportError, match="checksum mismatch"):
+        export_checkpoint(str(newer), str(tmp_path / "c"))
+    (older / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no checkpoint passes its checksums: .*11-00.*; .*10-00"):
+        newest_intact([(2, str(older)), (4, str(newer))])
 
 
 def test_untrained_parts_are_exported_at_their_initialisation(tmp_path):

@@ -182,25 +182,32 @@ def signal_the_worker(out: Path, *, after_step: int, signum: int) -> list[int]:
 @pytest.mark.slow
 def test_resume_continues_exactly_and_a_killed_worker_restarts_from_the_last_checkpoint(
         ray_local, prepared_mels, teacher_cache, straight, tmp_path):
-    """A run stopped at step 2 (train.stop_at_step) and submitted again resumes there: its first new step is 3.
-    In that resumed run the training worker is SIGKILLed once step 3 is logged: Ray Train's FailureConfig restarts
-    the worker group, which resumes from the latest checkpoint (step 2's or step 4's, never the start) and ends
-    where an uninterrupted run ends, every step's losses equal to it."""
+    """A run stopped at step 4 (train.stop_at_step) whose step-4 checkpoint was then corrupted (one bit of its
+    optimizer file) and submitted again resumes from step 2's, the newest that passes its checksums: its first new
+    step is 3. In that resumed run the training worker is SIGKILLed once step 3 is logged: Ray Train's FailureConfig
+    restarts the worker group, which resumes from the latest intact checkpoint (step 2's or a new step 4's, never
+    the start) and ends where an uninterrupted run ends, every step's losses equal to it."""
+    from pipeline.export import complete_checkpoints
     from pipeline.train import run_training
 
     out = tmp_path / "resumed"
-    first = run_training(tiny_train("train.stop_at_step=2"), str(prepared_mels), str(teacher_cache), str(out))
-    assert first.metrics["step"] == 2
-    assert [m["step"] for m in read_metrics(out)] == [1, 2]
-    # Step 3 is logged after the resumed run restored step 2's checkpoint: kill then, with steps still to go.
-    killed = signal_the_worker(out, after_step=3, signum=signal.SIGKILL)
+    first = run_training(tiny_train("train.stop_at_step=4"), str(prepared_mels), str(teacher_cache), str(out))
+    assert first.metrics["step"] == 4
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert [step for step, _ in complete_checkpoints(str(out))] == [2, 4]
+    optimizer = Path(complete_checkpoints(str(out))[-1][1]) / "optimizer.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    optimizer.write_bytes(bytes(data))
+    # Step 3 is logged (line 5) after the resumed run fell back to step 2's checkpoint: kill then.
+    killed = signal_the_worker(out, after_step=5, signum=signal.SIGKILL)
     result = run_training(tiny_train("train.max_failures=1"), str(prepared_mels), str(teacher_cache), str(out))
     assert killed, "the worker was never killed"
     assert result.error is None and result.metrics["step"] == 6
     got = read_metrics(out)
     steps = [m["step"] for m in got]
-    assert steps[:3] == [1, 2, 3] and min(steps[2:]) == 3, steps  # resumed at step 2, and restarted no earlier
-    assert len(steps) > len(set(steps)), f"no step ran twice, so no restart happened: {steps}"
+    assert steps[:5] == [1, 2, 3, 4, 3] and min(steps[4:]) == 3, steps  # resumed at step 2, restarted no earlier
+    assert len(steps[4:]) > len(set(steps[4:])), f"no step ran twice, so no restart happened: {steps}"
     assert_same_losses(got, straight)
 
 
