@@ -173,6 +173,7 @@ class Checkpoint:
             raise CheckpointError(f"{url}: no such checkpoint directory")
         refuse_pickles(url)
         self.meta = self._read_meta()
+        self._checked: dict[str, bytes] = {}  # bytes `verify` checked, until their one read
 
     def _read_meta(self) -> dict[str, Any]:
         names = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
@@ -206,7 +207,10 @@ class Checkpoint:
         return {k: v for k, v in self.meta["files"].items() if k == WEIGHTS or k.startswith(f"{SHARDS_DIR}/weights-")}
 
     def verified(self, name: str) -> bytes:
-        """One of the files checkpoint.json lists, its bytes checked against the sha256 recorded there."""
+        """One of the files checkpoint.json lists, its bytes checked against the sha256 recorded there (or as
+        `verify` checked and kept them: a file is read from storage once)."""
+        if name in self._checked:
+            return self._checked.pop(name)
         expected = self.meta["files"].get(name)
         if expected is None:
             raise CheckpointError(f"{self.url}: {name} is not one of the files {META} lists")
@@ -222,7 +226,7 @@ class Checkpoint:
         """Check every file (or only the weights') against its checksum before anything is loaded: a reader that
         must not stop half-way through loading (resume) or that may take an older checkpoint instead checks first."""
         for name in self.weight_files() if weights_only else self.meta["files"]:
-            self.verified(name)
+            self._checked[name] = self.verified(name)
         return self
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
