@@ -197,7 +197,7 @@ def test_readme_submissions_on_a_local_head(head, tmp_path):
     assert results["train"]["metrics"]["step"] == 2, results["train"]
     checkpoint = Path(results["train"]["checkpoint"])
     assert checkpoint.parent.parent == out / "run" and (checkpoint / "checkpoint.json").is_file(), checkpoint
-    assert results["export"] == {"checkpoint": str(checkpoint), "output": str(out / "model")}
+    assert results["export"] == {"checkpoint": str(checkpoint), "step": 2, "output": str(out / "model")}
     model = out / "model"
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file(), sorted(model.iterdir())
 
