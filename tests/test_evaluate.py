@@ -56,17 +56,21 @@ EMOTIONS = ["Neutral", "Joy", "Sadness", "Anger", "Surprise", "Fear", "Disgust"]
 MAX_NEW_TOKENS = 6
 
 
-def export_tiny(root: Path, *overrides: str, seed: int = 11) -> Path:
-    """A tiny student moved off its initialisation (as training would), checkpointed and exported."""
+def nudged_checkpoint(ck: Path, *overrides: str, seed: int = 11, step: int = 3) -> Path:
+    """A tiny student moved off its initialisation (as training would), checkpointed at `step`."""
     cfg = load_config("tiny", list(overrides))
     model = build_student(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.trainable_parameters().values():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    ck = root / "checkpoint"
     ck.mkdir(parents=True)
-    write_checkpoint(ck, model, cfg, step=3)
+    return write_checkpoint(ck, model, cfg, step=step)
+
+
+def export_tiny(root: Path, *overrides: str, seed: int = 11) -> Path:
+    """A tiny student moved off its initialisation (as training would), checkpointed and exported."""
+    ck = nudged_checkpoint(root / "checkpoint", *overrides, seed=seed)
     return Path(export_checkpoint(str(ck), str(root / "model")))
 
 
@@ -463,3 +467,31 @@ def test_the_job_end_to_end(ray_local, evaluated, model_dir, tmp_path):
             evaluated[0] / "tasks" / name / "examples.jsonl")
         kind = "classification" if name == "sarcasm" else "generation"
         assert printed[name][kind] == summary["tasks"][name][kind] == first[name][kind]
+
+
+@pytest.mark.slow
+def test_a_learning_curve_scores_each_checkpoint_as_a_pass_of_its_own_does(ray_local, prepared_mels, tmp_path):
+    """jobs.curve's core: a run's kept checkpoints (steps 2 and 4, Ray Train's layout) and the untrained student answer
+    the same clips in one pass; each point equals what an answer pass of that model alone (with the untrained one,
+    as the evaluation runs it) scores, and counts the examples its run had seen."""
+    from pipeline.curve import learning_curve
+    from pipeline.evaluate import answer_spoken_questions
+    from pipeline.export import export_untrained
+
+    run, out = tmp_path / "run", tmp_path / "curve"
+    for step in (2, 4):
+        nudged_checkpoint(run / "train" / f"checkpoint_2025-01-01_1{step}-00-00.000001", seed=step, step=step)
+    untrained = export_untrained(load_config("tiny"), str(tmp_path / "model-0"))
+    ecfg = EvalConfig(split="dev", answers=True, max_questions=3, max_new_tokens=4)
+    curve = learning_curve(str(run), str(prepared_mels), str(out), ecfg, untrained=untrained)
+    batch = load_config("tiny").train.global_batch_size
+    assert [(p["step"], p["examples"]) for p in curve["points"]] == [(0, 0), (2, 2 * batch), (4, 4 * batch)]
+    step4 = str(out / "models" / "step-4")
+    assert read_config(step4)["source"]["step"] == 4
+    _, alone = answer_spoken_questions({"student": step4, "baseline": untrained}, str(prepared_mels), ecfg)
+    assert curve["count"] == alone["count"] == 3 and curve["cascade"] == pytest.approx(alone["cascade"])
+    assert {k: curve["points"][0][k] for k in ("agree", "kl", "word_f1")} == pytest.approx(alone["baseline"])
+    assert {k: curve["points"][2][k] for k in ("agree", "kl", "word_f1")} == pytest.approx(alone["student"])
+    assert curve["points"][1]["kl"] != curve["points"][2]["kl"]  # two models, not one twice
+    assert len((out / "examples.jsonl").read_text().splitlines()) == 3
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"

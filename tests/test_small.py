@@ -85,7 +85,7 @@ def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, t
     from pipeline.train import run_training
 
     cfg = small(real_models, "train.steps=4", "train.align_only_steps=2", "train.log_every=1",
-                "train.checkpoint_every=2", "train.micro_batch_size=8", "train.global_batch_size=8")
+                "train.checkpoint_every=4", "train.micro_batch_size=8", "train.global_batch_size=8")
     mels, teacher, run = str(tmp_path / "mels"), str(tmp_path / "teacher"), str(tmp_path / "run")
     assert run_prepare(cfg, str(spoken), mels)["counts"]["clips_by_split"]["questions"] == 6
     run_teacher(cfg, mels, teacher)
@@ -116,14 +116,3 @@ def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, t
     for row in rows:
         assert row["transcript"] and row["teacher_answer"]
         assert answers["cascade"]["word_f1"] >= 0.5
-    # The learning curve: both kept checkpoints (steps 2 and 4) and the untrained student, in one answer pass,
-    # score exactly what the evaluation scored for the same models on the same questions.
-    from pipeline.curve import learning_curve
-
-    ecfg = small(real_models, "eval.max_questions=2", "eval.max_new_tokens=12").eval
-    curve = learning_curve(run, mels, str(tmp_path / "curve"), ecfg, untrained=untrained)
-    assert [(p["step"], p["examples"]) for p in curve["points"]] == [(0, 0), (2, 16), (4, 32)]
-    assert {k: curve["points"][0][k] for k in ("agree", "kl", "word_f1")} == pytest.approx(answers["baseline"])
-    assert {k: curve["points"][2][k] for k in ("agree", "kl", "word_f1")} == pytest.approx(answers["student"])
-    assert curve["cascade"] == pytest.approx(answers["cascade"])
-    assert (tmp_path / "curve" / "curve.png").stat().st_size > 10_000
