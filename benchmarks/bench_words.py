@@ -40,7 +40,7 @@ from pipeline.builders import load_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.losses import alignment_loss  # noqa: E402
 from pipeline.model import build_student  # noqa: E402
-from pipeline.qa import text_answer, word_f1  # noqa: E402
+from pipeline.qa import text_answers, word_f1  # noqa: E402
 from pipeline.template import stop_ids  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def tolerance(model, tokenizer, questions: list[str], ids: torch.Tensor, lengths
 
     scores: dict[str, list[float]] = {}
     for i, text in enumerate(questions):
-        reference, _ = text_answer(llm, tokenizer, template, text, args.max_new_tokens)
+        [(reference, _)] = text_answers(llm, tokenizer, template, [text], args.max_new_tokens)
         n = int(lengths[i].clamp(max=q))
         words = ids[i, :n]
         middles = {}

@@ -109,8 +109,8 @@ def prompt_template(model: DiVA, tokenizer: Any, prompt: str | None = None) -> C
 
 def llm_inputs(model: DiVA, template: ChatTemplate, input_features: torch.Tensor | None = None, *,
                virtual: torch.Tensor | None = None) -> torch.Tensor:
-    """embed(prefix) ++ virtual tokens ++ embed(suffix): [1, len(prefix) + Q + len(suffix), H]. The virtual
-    tokens come from `input_features`, or are given (`virtual` [1, Q, H]: `audio_tokens` of a batch)."""
+    """embed(prefix) ++ virtual tokens ++ embed(suffix): [B, len(prefix) + Q + len(suffix), H] for B clips. The
+    virtual tokens come from `input_features`, or are given (`virtual` [B, Q, H]: `audio_tokens` of a batch)."""
     if (input_features is None) == (virtual is None):
         raise AskError("give the clip's input_features or its virtual tokens, not both or neither")
     if virtual is None:
@@ -120,7 +120,9 @@ def llm_inputs(model: DiVA, template: ChatTemplate, input_features: torch.Tensor
         device = embed.weight.device
         prefix = embed(torch.tensor([template.prefix_ids], dtype=torch.long, device=device))
         suffix = embed(torch.tensor([template.suffix_ids], dtype=torch.long, device=device))
-        return torch.cat([prefix, virtual.to(device=device, dtype=prefix.dtype), suffix], dim=1)
+        rows = len(virtual)
+        return torch.cat([prefix.expand(rows, -1, -1), virtual.to(device=device, dtype=prefix.dtype),
+                          suffix.expand(rows, -1, -1)], dim=1)
 
 
 def audio_tokens(model: DiVA, input_features: torch.Tensor) -> torch.Tensor:

@@ -286,7 +286,7 @@ class EvalConfig:
     dtype: Dtype = "float32"  # the frozen encoder and LLM
     split: str = "dev"
     batch_size: int = 8  # distillation examples per forward pass
-    task_batch_size: int = 4  # manifest rows per actor call (answered one by one)
+    task_batch_size: int = 16  # rows per actor call: spoken questions answered as one batch (manifest rows one by one)
     num_actors: int = 1
     cpus_per_actor: float = 1.0  # on eval.device=cpu also each actor's torch threads
     max_new_tokens: int = 64

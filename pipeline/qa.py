@@ -11,7 +11,9 @@ teacher's most common first token, which answering that token every time would s
 system) of the next-token distributions at the first response position, and the F1 of the answer's
 content words against the teacher's answer (stop words left out: with them a fluent but unrelated
 answer scores far above zero). The pure core needs no Ray; `answer_questions` runs it in a Ray Data
-actor pool and `summarise_answers` makes the summary.
+actor pool and `summarise_answers` makes the summary. Each actor call answers its block of questions
+(eval.task_batch_size) as one greedy `generate` batch per system: on 2 CPU cores 16 demo questions take
+35 s in one block of 16 against 144 s one at a time, with the same answers (benchmarks/bench_answers.py).
 """
 
 from __future__ import annotations
@@ -66,42 +68,63 @@ def constant_baseline(teacher_first_tokens: Sequence[int]) -> float:
     return Counter(teacher_first_tokens).most_common(1)[0][1] / len(teacher_first_tokens)
 
 
-def first_position(llm: Any, embeds: torch.Tensor) -> torch.Tensor:
-    """log-softmax of the LLM's next-token logits after `embeds` [1, T, H] (float32, [V])."""
+def greedy_batch(llm: Any, tokenizer: Any, stops: set[int], max_new_tokens: int, attention_mask: torch.Tensor, *,
+                 input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """transformers' greedy `generate` over a batch of prompts (left-padded where their lengths differ: its
+    position ids follow the attention mask, so a padded row decodes as it would alone). Per row: the answer
+    (its ids up to the first stop id, decoded) and the log-softmax of the next-token logits after the prompt
+    [V] (float32; generate's first step, the full prompt's forward pass)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=sorted(stops), pad_token_id=min(stops) if stops else None,
+                              return_dict_in_generate=True, output_logits=True)
     with torch.inference_mode():
-        logits = llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[0, -1]
-    return torch.log_softmax(logits.float(), dim=-1)
+        out = llm.generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           generation_config=config)
+    new = out.sequences[:, input_ids.shape[1]:] if input_ids is not None else out.sequences
+    answers = []
+    for row, logprobs in zip(new.tolist(), torch.log_softmax(out.logits[0].float(), dim=-1), strict=True):
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        answers.append((tokenizer.decode(row[:end], skip_special_tokens=True).strip(), logprobs))
+    return answers
 
 
-def text_answer(llm: Any, tokenizer: Any, template: ChatTemplate, text: str,
-                max_new_tokens: int) -> tuple[str, torch.Tensor]:
-    """The LLM's greedy answer to `text` in the chat template, and its first-position log-probs."""
+def text_answers(llm: Any, tokenizer: Any, template: ChatTemplate, texts: Sequence[str],
+                 max_new_tokens: int) -> list[tuple[str, torch.Tensor]]:
+    """The LLM's greedy answer to each text in the chat template, and its first-position log-probs [V]."""
     from pipeline.template import stop_ids
 
-    ids = torch.tensor([template.wrap(transcript_ids(tokenizer, text))], device=llm.device)
-    embeds = llm.get_input_embeddings()(ids)
-    stops = sorted(stop_ids(llm, tokenizer, template))
+    stops = stop_ids(llm, tokenizer, template)
+    prompts = [template.wrap(transcript_ids(tokenizer, text)) for text in texts]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[min(stops)] * (width - len(p)) + p for p in prompts], device=llm.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=llm.device)
+    return greedy_batch(llm, tokenizer, stops, max_new_tokens, mask, input_ids=ids)
+
+
+def student_answers(model: Any, tokenizer: Any, features: torch.Tensor, max_new_tokens: int
+                    ) -> list[tuple[str, torch.Tensor]]:
+    """A DiVA model's greedy answer to each clip of `features` [B, n_mels, frames] (one encoder and Q-Former
+    pass for the batch; every prompt has the same length), and its first-position log-probs [V]."""
+    from pipeline.ask import audio_tokens, llm_inputs
+    from pipeline.template import stop_ids
+
+    embeds = llm_inputs(model, model.template, virtual=audio_tokens(model, features))
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return greedy_batch(model.llm, tokenizer, stop_ids(model.llm, tokenizer, model.template), max_new_tokens, mask,
+                        inputs_embeds=embeds)
+
+
+def transcribe(whisper: Any, processor_tokenizer: Any, features: torch.Tensor) -> list[str]:
+    """Whisper's own greedy transcript of each clip of `features` [B, n_mels, 3000] (its generation config:
+    language, task, no timestamps)."""
+    mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=whisper.device)  # no padding
     with torch.inference_mode():
-        out = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=stops, pad_token_id=stops[0])
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), first_position(llm, embeds)
-
-
-def student_answer(model: Any, tokenizer: Any, features: torch.Tensor, max_new_tokens: int
-                   ) -> tuple[str, torch.Tensor]:
-    """A DiVA model's greedy answer to the clip, and its first-position log-probs."""
-    from pipeline.ask import generate, llm_inputs
-
-    embeds = llm_inputs(model, model.template, features)
-    ids = list(generate(model, tokenizer, features, max_new_tokens=max_new_tokens))
-    return tokenizer.decode(ids, skip_special_tokens=True).strip(), first_position(model.llm, embeds)
-
-
-def transcribe(whisper: Any, processor_tokenizer: Any, features: torch.Tensor) -> str:
-    """Whisper's own greedy transcript (its generation config: language, task, no timestamps)."""
-    with torch.inference_mode():
-        ids = whisper.generate(features.to(whisper.device, whisper.dtype), do_sample=False, num_beams=1)
-    return processor_tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+        ids = whisper.generate(features.to(whisper.device, whisper.dtype), attention_mask=mask, do_sample=False,
+                               num_beams=1)
+    return [processor_tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 # --- one actor: the LLM, Whisper and the students ------------------------------------------------------------
@@ -129,29 +152,30 @@ class AnswerWorker:
         self.llm, self.template = model.llm, model.template
         self.whisper, self.whisper_tokenizer = _cascade_whisper(read_config(first), ecfg, dtype)
 
-    def question(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """The block's questions answered together: each system's generation runs once over the batch."""
         from pipeline.features import restore_row
 
-        n = self.ecfg.max_new_tokens
-        features = torch.from_numpy(restore_row(row["mel"], row["mel_pad_value"], self.fcfg)).unsqueeze(0)
-        reference, teacher = text_answer(self.llm, self.tokenizer, self.template, row["sentence"], n)
-        out: dict[str, Any] = {"id": row["id"], "sentence": row["sentence"], "teacher_answer": reference,
-                               "teacher_first_token": int(teacher.argmax())}
-        systems = {name: student_answer(model, self.tokenizer, features, n)
+        rows, n = batch.to_pylist(), self.ecfg.max_new_tokens
+        features = torch.from_numpy(np.stack([restore_row(r["mel"], r["mel_pad_value"], self.fcfg) for r in rows]))
+        windows = np.stack([restore_row(r["mel"], r["mel_pad_value"], _whisper_window(self.fcfg)) for r in rows])
+        teacher = text_answers(self.llm, self.tokenizer, self.template, [r["sentence"] for r in rows], n)
+        systems = {name: student_answers(model, self.tokenizer, features, n)
                    for name, (model, _) in self.students.items()}
-        window = restore_row(row["mel"], row["mel_pad_value"], _whisper_window(self.fcfg))  # Whisper's 30 s
-        out["transcript"] = transcribe(self.whisper, self.whisper_tokenizer, torch.from_numpy(window).unsqueeze(0))
-        systems["cascade"] = text_answer(self.llm, self.tokenizer, self.template, out["transcript"], n)
-        for name, (answer, logprobs) in systems.items():
-            out[name] = {"answer": answer, "first_token": int(logprobs.argmax()),
-                         "agree": int(logprobs.argmax()) == int(teacher.argmax()),
-                         "kl": float(kl_divergence(teacher, logprobs)),
-                         "word_f1": word_f1(answer, reference)}
-        return out
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.question(r) for r in batch.to_pylist()]
-        return pa.Table.from_pylist(rows)
+        transcripts = transcribe(self.whisper, self.whisper_tokenizer, torch.from_numpy(windows))  # Whisper's 30 s
+        systems["cascade"] = text_answers(self.llm, self.tokenizer, self.template, transcripts, n)
+        out = []
+        for i, row in enumerate(rows):
+            reference, first = teacher[i]
+            answered: dict[str, Any] = {"id": row["id"], "sentence": row["sentence"], "teacher_answer": reference,
+                                        "teacher_first_token": int(first.argmax()), "transcript": transcripts[i]}
+            for name, answers in systems.items():
+                answer, logprobs = answers[i]
+                answered[name] = {"answer": answer, "first_token": int(logprobs.argmax()),
+                                  "agree": int(logprobs.argmax()) == int(first.argmax()),
+                                  "kl": float(kl_divergence(first, logprobs)), "word_f1": word_f1(answer, reference)}
+            out.append(answered)
+        return pa.Table.from_pylist(out)
 
 
 def _whisper_window(fcfg: Any) -> Any:

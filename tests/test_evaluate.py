@@ -495,3 +495,47 @@ def test_a_learning_curve_scores_each_checkpoint_as_a_pass_of_its_own_does(ray_l
     assert curve["points"][1]["kl"] != curve["points"][2]["kl"]  # two models, not one twice
     assert len((out / "examples.jsonl").read_text().splitlines()) == 3
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_block_of_spoken_questions_is_answered_as_each_question_alone(prepared_mels, tmp_path):
+    """qa.AnswerWorker answers a block of questions as one batch per system (the typed prompts left-padded to the
+    longest). Each answer, first token and KL equals what the question alone gets by the unbatched paths:
+    pipeline.ask's streamed `generate` for the student, transformers' `generate` on the one unpadded prompt for the
+    LLM, and a plain forward pass for the first-position log-probs."""
+    from pipeline import qa
+    from pipeline.ask import generate
+    from pipeline.ingest import question_rows
+    from pipeline.losses import kl_divergence
+    from pipeline.template import stop_ids
+
+    n = 6
+    worker = qa.AnswerWorker({"student": str(export_tiny(tmp_path))}, EvalConfig(split="dev", max_new_tokens=n))
+    rows = qa.pick(question_rows(str(prepared_mels), "dev"), 4)
+    got = worker(rows).to_pylist()
+    model, tokenizer = worker.students["student"]
+    llm, template = model.llm, model.template
+    stops = sorted(stop_ids(llm, tokenizer, template))
+    prompts = [template.wrap(transcript_ids(tokenizer, r["sentence"])) for r in rows.to_pylist()]
+    assert len({len(p) for p in prompts}) > 1, "the block's prompts should differ in length (padding)"
+
+    def log_probs(**inputs) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(llm(**inputs).logits[0, -1].float(), -1)
+
+    for row, prompt, answered in zip(rows.to_pylist(), prompts, got, strict=True):
+        assert answered["id"] == row["id"]
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                               eos_token_id=stops, pad_token_id=stops[0])
+        assert answered["teacher_answer"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        teacher = log_probs(input_ids=ids)
+        assert answered["teacher_first_token"] == int(teacher.argmax())
+
+        features = torch.from_numpy(restore_row(row["mel"], row["mel_pad_value"], worker.fcfg)).unsqueeze(0)
+        alone = tokenizer.decode(list(generate(model, tokenizer, features, max_new_tokens=n)), skip_special_tokens=True)
+        student = log_probs(inputs_embeds=llm_inputs(model, template, features))
+        assert answered["student"]["answer"] == alone.strip()
+        assert answered["student"]["first_token"] == int(student.argmax())
+        assert answered["student"]["kl"] == pytest.approx(float(kl_divergence(teacher, student)), rel=1e-4, abs=1e-5)
+    assert any(a["student"]["answer"] for a in got), "a nudged student answers with some tokens"
