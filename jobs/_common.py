@@ -20,7 +20,7 @@ from pipeline.config import Config, load_config, presets
 
 def parser(description: str, *, dataset_output: bool = False, config: bool = True,
            aliases: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """The parser every job uses: `--config PRESET|FILE.yaml` and trailing `section.key=value` overrides;
+    """The parser every job uses: `--config PRESET|FILE.yaml` and `section.key=value` overrides (added by `parse`);
     `dataset_output` adds --output/--overwrite for jobs writing a dataset. `aliases` maps a flag to the
     config key it sets (`{"--device": "eval.device"}`): the same key under a shorter name, typed and with
     the key's choices, applied after the overrides."""
@@ -28,8 +28,6 @@ def parser(description: str, *, dataset_output: bool = False, config: bool = Tru
     if config:
         p.add_argument("--config", default=None,
                        help=f"preset ({', '.join(presets())}) or YAML file; defaults to built-in defaults")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="config overrides, e.g. prepare.rows_per_file=500")
     for flag, key in (aliases or {}).items():
         p.add_argument(flag, dest=_dest(key), default=None, **_flag_kind(key))
     p.set_defaults(_aliases=dict(aliases or {}))
@@ -72,7 +70,10 @@ def config(args: argparse.Namespace) -> Config:
 
 
 def parse(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, Config]:
-    args = p.parse_args()
+    """Arguments and Config. The overrides are declared here, after the job's own positional (a run directory), so
+    that they follow it, and flags may come between: `curve RUN --mels M eval.max_questions=8 --output O`."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. prepare.rows_per_file=500")
+    args = p.parse_intermixed_args()
     return args, config(args)
 
 

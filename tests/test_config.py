@@ -59,6 +59,23 @@ def test_choices_are_checked_once_when_the_config_loads(override, message):
         load_config("tiny", [override])
 
 
+def test_overrides_follow_a_jobs_positional_and_mix_with_flags(monkeypatch):
+    """A job with a positional (jobs.curve's run directory, jobs.plot's): overrides come after it, with or without
+    flags between, and never take its place (they once did when they came last: `run` got the override)."""
+    from jobs import _common
+
+    for argv in (["runs/x/train", "--mels", "m", "eval.max_questions=8", "--config", "small", "eval.split=dev"],
+                 ["--config", "small", "runs/x/train", "eval.max_questions=8", "--mels", "m", "eval.split=dev"]):
+        p = _common.parser("t")
+        p.add_argument("run")
+        p.add_argument("--mels", required=True)
+        monkeypatch.setattr("sys.argv", ["t", *argv])
+        args, cfg = _common.parse(p)
+        assert (args.run, args.mels) == ("runs/x/train", "m")
+        assert args.overrides == ["eval.max_questions=8", "eval.split=dev"]
+        assert (cfg.eval.max_questions, cfg.eval.split, cfg.features.n_mels) == (8, "dev", 80)
+
+
 def test_the_eval_section_and_job_flags_are_the_same_keys():
     """A job flag that names a config key (jobs/_common.py aliases) sets that key, typed, after the overrides."""
     import sys
