@@ -323,11 +323,13 @@ def test_a_gpu_node_with_the_cpu_build_of_torch_is_refused():
 # starts Ray: argparse refuses unknown flags, missing required ones and bad choices exactly as it would.
 PARSE_ONLY = """
 import argparse, json, runpy, sys
-parse = argparse.ArgumentParser.parse_args
-def parse_only(self, args=None, namespace=None):
-    print(json.dumps(vars(parse(self, args, namespace))))
-    raise SystemExit(0)
-argparse.ArgumentParser.parse_args = parse_only
+def parse_only(parse):
+    def parsed(self, args=None, namespace=None):
+        print(json.dumps(vars(parse(self, args, namespace))))
+        raise SystemExit(0)
+    return parsed
+for name in ("parse_args", "parse_intermixed_args"):  # jobs/_common.parse takes the second
+    setattr(argparse.ArgumentParser, name, parse_only(getattr(argparse.ArgumentParser, name)))
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
