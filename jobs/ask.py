@@ -30,12 +30,11 @@ def run() -> int:
     import torch
 
     from pipeline.ask import generate, load_audio, stream_text
-    from pipeline.export import audio_settings, load_model, local_model_dir, read_config
+    from pipeline.export import audio_settings, load_model, read_config
 
-    model_dir = local_model_dir(args.model)
-    fcfg, checks = audio_settings(read_config(model_dir))
+    fcfg, checks = audio_settings(read_config(args.model))
     features = load_audio(args.audio, fcfg, checks)  # before the model: a bad file fails fast
-    model, tokenizer = load_model(model_dir, ecfg.device, getattr(torch, ecfg.dtype), whisper=ecfg.whisper,
+    model, tokenizer = load_model(args.model, ecfg.device, getattr(torch, ecfg.dtype), whisper=ecfg.whisper,
                                   llm=ecfg.llm)
     tokens = generate(model, tokenizer, features, prompt=args.prompt, max_new_tokens=ecfg.max_new_tokens,
                       temperature=args.temperature, seed=args.seed)

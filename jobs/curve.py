@@ -21,11 +21,11 @@ def run() -> int:
     args, cfg = _common.parse(p)
     from pipeline import layout
     from pipeline.curve import learning_curve
-    from pipeline.export import local_model_dir, read_config
+    from pipeline.export import read_config
 
     _common.check_inputs((args.mels, layout.MELS_KIND))
     if args.untrained:
-        read_config(local_model_dir(args.untrained))
+        read_config(args.untrained)
     _common.init_ray()
     curve = learning_curve(args.run, args.mels, args.output, cfg.eval, untrained=args.untrained)
     return _common.print_json(curve)

@@ -34,7 +34,7 @@ def run() -> int:
     args, cfg = _common.parse(p)
 
     from pipeline.evaluate import EvalError, read_manifests, run_evaluate
-    from pipeline.export import local_model_dir, read_config
+    from pipeline.export import read_config
 
     if bool(args.mels) != bool(args.teacher):
         raise EvalError("--mels and --teacher go together (the distillation metrics need both)")
@@ -42,7 +42,7 @@ def run() -> int:
         raise EvalError("nothing to evaluate: give --mels with --teacher, or --tasks, or both")
     # Fail fast, before Ray starts and models load: a bad model directory or manifest row.
     for model in filter(None, (args.model, args.baseline)):
-        read_config(local_model_dir(model))
+        read_config(model)
     if args.tasks:
         read_manifests(args.tasks, skip_bad_rows=cfg.eval.skip_bad_rows)
     _common.init_ray()

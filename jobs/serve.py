@@ -27,8 +27,7 @@ def run() -> int:
 
     from pipeline.export import read_config
 
-    if "://" not in args.model:  # a missing or incomplete directory fails here, not in a replica
-        read_config(args.model)
+    read_config(args.model)  # a missing or incomplete directory (local or gs://) fails here, not in a replica
     _common.init_ray()
     from ray import serve
 

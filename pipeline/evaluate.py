@@ -37,7 +37,7 @@ import torch
 from pipeline import PipelineError, cache, layout
 from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template
 from pipeline.config import ClusterConfig, Config, EvalConfig, from_dict
-from pipeline.export import audio_settings, load_model, local_model_dir, read_config
+from pipeline.export import audio_settings, load_model, model_files, read_config
 from pipeline.ingest import collate, training_dataset
 from pipeline.losses import kl_divergence
 from pipeline.teacher import target_spec
@@ -422,9 +422,8 @@ class TaskWorker:
     def __init__(self, model_dir: str, ecfg: EvalConfig):
         use_cpus(ecfg)
         self.ecfg = ecfg
-        local = local_model_dir(model_dir)
-        self.fcfg, self.checks = audio_settings(read_config(local))
-        self.model, self.tokenizer = load_model(local, ecfg.device, _dtype(ecfg.dtype), whisper=ecfg.whisper,
+        self.fcfg, self.checks = audio_settings(read_config(model_dir))
+        self.model, self.tokenizer = load_model(model_dir, ecfg.device, _dtype(ecfg.dtype), whisper=ecfg.whisper,
                                                 llm=ecfg.llm)
         self.templates: dict[str | None, ChatTemplate] = {}
 
@@ -513,9 +512,9 @@ def evaluate_distillation(model_dir: str, mels_url: str, teacher_url: str, ecfg:
     cache, which must be the one the model's LLM and template produce (else cache.DatasetError)."""
     from transformers import AutoTokenizer
 
-    local = local_model_dir(model_dir)
-    config = read_config(local)
-    tokenizer = AutoTokenizer.from_pretrained(local)
+    config = read_config(model_dir)
+    with model_files(model_dir, weights=False) as local:
+        tokenizer = AutoTokenizer.from_pretrained(local)
     ds, info = training_dataset(mels_url, teacher_url, expect=expected_target_spec(config, tokenizer),
                                 split=ecfg.split, shuffle_seed=None)
     ds = ds.map_batches(DistillWorker, fn_constructor_kwargs={"model_dir": _for_workers(model_dir), "ecfg": ecfg,
@@ -568,7 +567,7 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     if mels_url is None and not manifests:
         raise EvalError("nothing to evaluate: give a prepared split with its teacher cache, task manifests, or both")
     t0 = time.time()
-    config = read_config(local_model_dir(model_dir))
+    config = read_config(model_dir)
     tasks, bad = read_manifests(manifests, skip_bad_rows=ecfg.skip_bad_rows) if manifests else ([], {})
     require_actors(ecfg, cluster or ClusterConfig())
     fs, root = cache.filesystem(output_url)
@@ -605,7 +604,7 @@ def evaluation_inputs(config: Mapping[str, Any], baseline: str | None, ecfg: Eva
         fs, path = cache.filesystem(url)
         return hashlib.sha256(fs.cat_file(path)).hexdigest()
 
-    return {"model": config, "baseline": read_config(local_model_dir(baseline)) if baseline else None,
+    return {"model": config, "baseline": read_config(baseline) if baseline else None,
             "eval": dataclasses.asdict(ecfg), "mels": dataset(mels_url, layout.MELS_KIND),
             "teacher": dataset(teacher_url, layout.TEACHER_KIND), "tasks": [file_sha(m) for m in manifests],
             "versions": dict(versions)}

@@ -24,6 +24,7 @@ model's `generate(audio, text_prompt)` does (it replaces the export's own system
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -305,17 +306,19 @@ def _publish(stage: str, config: dict[str, Any], fs: Any, root: str) -> None:
 
 
 def read_config(path: str) -> dict[str, Any]:
-    """config.json of a model directory (local), checking that the directory is complete."""
-    if not os.path.isdir(path):
+    """config.json of a model directory, local or on any fsspec URL (read in place: no weights are downloaded
+    to read it), checking that the directory is complete."""
+    fs, root = cache.filesystem(path)
+    fs.invalidate_cache(root)  # a directory an export rewrote since this process last listed it
+    if not fs.isdir(root):
         raise ModelDirError(f"{path}: no such model directory (make one with python -m jobs.export)")
     for name in REQUIRED_FILES:
-        if not os.path.isfile(os.path.join(path, name)):
+        if not fs.isfile(cache.join(root, name)):
             raise ModelDirError(f"{path}: incomplete model directory: {name} is missing (re-run python -m jobs.export)")
-    with open(os.path.join(path, CONFIG)) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ModelDirError(f"{path}/{CONFIG}: not valid JSON: {exc}") from exc
+    try:
+        config = json.loads(fs.cat_file(cache.join(root, CONFIG)))
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path}/{CONFIG}: not valid JSON: {exc}") from exc
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ModelDirError(f"{path}/{CONFIG}: format {config.get('format')!r} v{config.get('format_version')}, "
                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
@@ -327,18 +330,25 @@ def audio_settings(config: Mapping[str, Any]) -> tuple[FeatureConfig, PrepareCon
     return FeatureConfig(**config["features"]), PrepareConfig(**config["audio_checks"])
 
 
-def local_model_dir(path: str) -> str:
-    """A model directory on any fsspec URL -> a local directory (downloaded to a temporary one)."""
+@contextlib.contextmanager
+def model_files(path: str, *, weights: bool = True) -> Iterator[str]:
+    """A complete model directory as a local one: itself where it is local, else a download into a temporary
+    directory that is removed on exit. Loading reads every file into memory, so no copy outlives a load (a
+    paper-size Q-Former is ~3 GB a copy). `weights=False` leaves the weights file out (the tokenizer alone)."""
+    read_config(path)
     fs, root = cache.filesystem(path)
     if cache.is_local(fs):
-        return root
-    if not fs.exists(cache.join(root, CONFIG)):
-        raise ModelDirError(f"{path}: incomplete model directory: {CONFIG} is missing (re-run python -m jobs.export)")
+        yield root
+        return
     local = tempfile.mkdtemp(prefix="diva-model-")
-    for remote in fs.ls(root, detail=False):
-        if fs.isfile(remote):
-            fs.get_file(remote, os.path.join(local, posixpath.basename(remote)))
-    return local
+    try:
+        for remote in fs.ls(root, detail=False):
+            name = posixpath.basename(remote)
+            if fs.isfile(remote) and (weights or name != WEIGHTS):
+                fs.get_file(remote, os.path.join(local, name))
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
@@ -347,14 +357,14 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     Whisper and LLM it names (`whisper`/`llm` override those names, e.g. with a local copy)."""
     from safetensors.torch import load_file
 
-    path = local_model_dir(path)
     config = read_config(path)
     try:
         ckpt.refuse_pickles(path, "model directory")
     except ckpt.CheckpointError as exc:
         raise ModelDirError(str(exc)) from None
-    tokenizer, template = _tokenizer_and_template(path, config)
-    state = load_file(os.path.join(path, WEIGHTS))
+    with model_files(path) as local:
+        tokenizer, template = _tokenizer_and_template(local, config, path)
+        state = load_file(os.path.join(local, WEIGHTS))
     _check_weights(path, config, state)
     base = _base_whisper(config, whisper, dtype, device)
     lm = _base_llm(path, config, llm, len(tokenizer), dtype, device)
@@ -378,12 +388,13 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model.eval(), tokenizer
 
 
-def _tokenizer_and_template(path: str, config: Mapping[str, Any]) -> tuple[Any, ChatTemplate]:
-    """The saved tokenizer, and the template config.json records, checked to be the one it derives."""
+def _tokenizer_and_template(local: str, config: Mapping[str, Any], path: str) -> tuple[Any, ChatTemplate]:
+    """The saved tokenizer (read from `local`, the directory `path` as a local one), and the template config.json
+    records, checked to be the one it derives."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(local)
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{path}: the tokenizer does not load: {exc}") from exc
     template = ChatTemplate(tuple(config["template"]["prefix_ids"]), tuple(config["template"]["suffix_ids"]),

@@ -539,3 +539,34 @@ def test_a_block_of_spoken_questions_is_answered_as_each_question_alone(prepared
         assert answered["student"]["first_token"] == int(student.argmax())
         assert answered["student"]["kl"] == pytest.approx(float(kl_divergence(teacher, student)), rel=1e-4, abs=1e-5)
     assert any(a["student"]["answer"] for a in got), "a nudged student answers with some tokens"
+
+
+def downloaded_copies() -> set[str]:
+    """The model directories a load from remote storage has downloaded and left in the temporary directory."""
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("diva-model-*")}
+
+
+@pytest.mark.slow
+def test_a_model_on_gcs_is_evaluated_as_the_local_one(ray_local, gcs, bucket, evaluated, model_dir, prepared_mels,
+                                                      teacher_cache):
+    """A model directory on gs:// (README: evaluate and serve take one): its config is read without downloading it,
+    the distillation metrics equal the local model's, the spoken questions are answered by it and by a gs:// baseline,
+    and no downloaded copy is left behind in the temporary directory (a paper-size Q-Former is ~3 GB a copy)."""
+    fs = gcs.fs()
+    fs.put(str(model_dir), f"{bucket}/model", recursive=True)
+    fs.invalidate_cache()
+    remote = f"gs://{bucket}/model"
+    assert read_config(remote) == read_config(str(model_dir))
+    before = downloaded_copies()
+    ecfg = EvalConfig(split="dev", batch_size=4, max_new_tokens=4, answers=True, max_questions=2)
+    summary = run_evaluate(remote, f"gs://{bucket}/eval", ecfg, mels_url=str(prepared_mels),
+                           teacher_url=str(teacher_cache), baseline=remote)
+    assert summary["distillation"]["l2"] == pytest.approx(evaluated[1]["distillation"]["l2"])
+    assert summary["answers"]["count"] == 2 and summary["answers"]["student"] == summary["answers"]["baseline"]
+    assert downloaded_copies() == before
+    fs.rm(f"{bucket}/model/{'tokenizer_config.json'}")
+    fs.invalidate_cache()
+    with pytest.raises(PipelineError, match="tokenizer_config.json is missing"):
+        read_config(remote)
