@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -259,9 +260,11 @@ class Tracker:
     context manager it closes them with `outcome` (set by the loop), or "failed" when an exception leaves it.
     Without sinks (the ranks other than 0) it does nothing."""
 
-    def __init__(self, sinks: list[Sink] | None = None, upload: Callable[[], None] | None = None):
+    def __init__(self, sinks: list[Sink] | None = None, upload: Callable[[], None] | None = None,
+                 scratch: str | None = None):
         self.sinks = list(sinks or [])
         self.upload = upload
+        self.scratch = scratch  # the local copy of a remote output's logs, removed once uploaded at close
         self.outcome: Outcome = "finished"
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -287,6 +290,9 @@ class Tracker:
         self.sinks = []
         if self.upload:
             self.upload()
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
         if errors and outcome != "failed":
             raise errors[0]
 
@@ -298,14 +304,18 @@ class Tracker:
 
 
 def open_tracker(cfg: Config, output_url: str, config: dict[str, Any]) -> Tracker:
-    """Rank 0's tracker for the loggers cfg.train.loggers names, writing <output>/logs (a local directory copied
-    there on each sync when the output is remote). `config` is the run's config as given, logged once."""
+    """Rank 0's tracker for the loggers cfg.train.loggers names, writing <output>/logs. When the output is remote
+    the logs are written in a local copy of it (what earlier submissions logged, downloaded first, so that a
+    resumed run goes on in the same files), uploaded on each sync and removed at close. `config` is the run's
+    config as given, logged once."""
     cfg = for_workers(cfg, output_url)
     fs, root = cache.filesystem(output_url)
     remote = not cache.is_local(fs)
     target = cache.join(root, layout.LOGS_DIR)
     local = tempfile.mkdtemp(prefix="diva-logs-") if remote else target
     os.makedirs(local, exist_ok=True)
+    if remote and fs.isdir(target):
+        fs.get(target + "/", local, recursive=True)
     state_path = cache.join(target, STATE_FILE)
     state = json.loads(fs.cat_file(state_path)) if fs.exists(state_path) else {}
     run = Run(cfg=cfg, params=flatten(config), name=posixpath.basename(root), directory=local, state=dict(state))
@@ -314,8 +324,13 @@ def open_tracker(cfg: Config, output_url: str, config: dict[str, Any]) -> Tracke
         for name in cfg.train.loggers:
             sinks.append(SINKS[name](run))
     except BaseException:
-        Tracker(sinks).close("failed")
+        Tracker(sinks, scratch=local if remote else None).close("failed")
         raise
     if run.state != state:
         fs.pipe_file(state_path, json.dumps(run.state, indent=1).encode())
-    return Tracker(sinks, (lambda: fs.put(local + "/", target, recursive=True)) if remote else None)
+        if remote:  # else the next upload would put the downloaded, older copy back
+            with open(os.path.join(local, STATE_FILE), "w") as f:
+                json.dump(run.state, f, indent=1)
+    if not remote:
+        return Tracker(sinks)
+    return Tracker(sinks, lambda: fs.put(local + "/", target, recursive=True), scratch=local)

@@ -186,3 +186,26 @@ def test_wandb_offline_holds_the_config_and_every_logged_step(tmp_path):
     run_ids = {r["run"]["run_id"] for records in (first, second) for r in records if r["type"] == "run"}
     assert run_ids == {state(out)["wandb"]["id"]}
     assert {**steps, **steps2} == read_jsonl(out)
+
+
+def test_a_resumed_run_on_gcs_goes_on_in_the_same_logs(gcs, bucket):
+    """A remote --output: the logs are written locally and uploaded. A resubmission (preemption, a worker restart)
+    starts from what the earlier one uploaded, so metrics.jsonl keeps every step; no local copy outlives a tracker."""
+    import tempfile
+
+    def scratch() -> set[str]:
+        return {p.name for p in Path(tempfile.gettempdir()).glob("diva-logs-*")}
+
+    out, fs = f"gs://{bucket}/run", gcs.fs()
+    cfg = load_config("tiny", ["train.loggers=[jsonl,tensorboard]"])
+    before = scratch()
+    with tracking.open_tracker(cfg, out, cfg.to_dict()) as tracker:
+        log_steps(tracker, STEPS[:2])
+        tracker.outcome = "preempted"
+    with tracking.open_tracker(cfg, out, cfg.to_dict()) as tracker:
+        log_steps(tracker, STEPS[2:])
+    fs.invalidate_cache()
+    lines = fs.cat(f"{bucket}/run/logs/metrics.jsonl").decode().splitlines()
+    assert {r.pop("step"): r for r in map(json.loads, lines)} == dict(STEPS)
+    assert len([p for p in fs.ls(f"{bucket}/run/logs") if "tfevents" in p]) == 2  # one event file per submission
+    assert scratch() == before
