@@ -561,7 +561,7 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     With `ecfg.answers`, the split's clips are also answered and scored (pipeline.qa), by this model and by
     `baseline` (another model directory, e.g. the untrained export) beside the cascade. Manifests are
     checked before any model loads. An earlier evaluation there of the same inputs (`evaluation_inputs`) is
-    returned as it is; one of other inputs is replaced."""
+    returned as it is; one of other inputs is removed before anything is written (`_clear`)."""
     if (mels_url is None) != (teacher_url is None):
         raise EvalError("the distillation metrics need both a prepared dataset (mels) and its teacher cache")
     if mels_url is None and not manifests:
@@ -580,6 +580,7 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     if earlier is not None and earlier.get("inputs_sha256") == summary["inputs_sha256"]:
         log.info("evaluate: %s already holds this evaluation (same model, data, settings); nothing to do", output_url)
         return earlier
+    _clear(fs, root)
     if mels_url is not None:
         summary["distillation"] = _write_distillation(model_dir, mels_url, teacher_url, ecfg, fs, root)
     if mels_url is not None and ecfg.answers:
@@ -590,6 +591,15 @@ def run_evaluate(model_dir: str, output_url: str, ecfg: EvalConfig, *, mels_url:
     fs.makedirs(root, exist_ok=True)
     cache.write_json(fs, cache.join(root, SUMMARY), summary)
     return summary
+
+
+def _clear(fs: Any, root: str) -> None:
+    """Remove another evaluation's outputs, its summary.json (the mark of a complete one) first: an evaluation cut
+    short must not leave an old summary vouching for new files, nor may one leave parts the next does not write."""
+    for name in (SUMMARY, DISTILL_DIR, ANSWERS_DIR, TASKS_DIR):
+        path = cache.join(root, name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def evaluation_inputs(config: Mapping[str, Any], baseline: str | None, ecfg: EvalConfig, mels_url: str | None,

@@ -570,3 +570,31 @@ def test_a_model_on_gcs_is_evaluated_as_the_local_one(ray_local, gcs, bucket, ev
     fs.invalidate_cache()
     with pytest.raises(PipelineError, match="tokenizer_config.json is missing"):
         read_config(remote)
+
+
+@pytest.mark.slow
+def test_an_evaluation_of_other_inputs_replaces_the_earlier_one_whole(ray_local, evaluated, model_dir, tmp_path,
+                                                                      monkeypatch):
+    """Into an output that holds an evaluation (distillation and four tasks), another of other inputs (one task):
+    cut short, it leaves no summary.json to vouch for a mixture, so the first one's inputs are evaluated again, not
+    taken as done; run whole, it leaves only its own parts."""
+    import pipeline.evaluate as evaluate
+
+    out = tmp_path / "out"
+    shutil.copytree(evaluated[0], out)
+    ecfg = EvalConfig(max_new_tokens=MAX_NEW_TOKENS)
+    repeat = [str(EVAL / "repeat.jsonl")]
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "_write_tasks", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(str(model_dir), str(out), ecfg, manifests=repeat)
+    assert not (out / "summary.json").exists() and not (out / "distillation").exists()
+    monkeypatch.undo()
+    summary = run_evaluate(str(model_dir), str(out), ecfg, manifests=repeat)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tasks"]
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == ["repeat"] == sorted(summary["tasks"])
+    assert read_jsonl(out / "tasks" / "repeat" / "examples.jsonl") == read_jsonl(
+        evaluated[0] / "tasks" / "repeat" / "examples.jsonl")
