@@ -112,7 +112,7 @@ def open_checkpoint(url: str) -> ckpt.Checkpoint:
 def complete_checkpoints(run: str) -> list[tuple[int, str]]:
     """(step, URL) of every complete checkpoint_* directory of a run directory (or of its Ray Train
     directory, <run>/train), oldest first: by the step in its checkpoint.json, then by name. One that
-    has no checkpoint.json (an interrupted upload) is skipped, with a warning."""
+    has no checkpoint.json, or one cut short (an interrupted upload), is skipped, with a warning."""
     fs, root = cache.filesystem(run)
     found: list[tuple[int, str, str]] = []
     for base in (root, cache.join(root, layout.TRAIN_RUN)):
@@ -122,7 +122,11 @@ def complete_checkpoints(run: str) -> list[tuple[int, str]]:
             name = posixpath.basename(path.rstrip("/"))
             if not name.startswith("checkpoint_") or not fs.isdir(path):
                 continue
-            meta = cache.read_json(fs, cache.join(path, ckpt.META))
+            try:
+                meta = cache.read_json(fs, cache.join(path, ckpt.META))
+            except ValueError as exc:  # not JSON (cut short, damaged): the checkpoints before it still count
+                log.warning("skipping checkpoint %s: its %s is not valid JSON (%s)", path, ckpt.META, exc)
+                continue
             if meta is None:
                 log.warning("skipping incomplete checkpoint %s (no %s)", path, ckpt.META)
                 continue

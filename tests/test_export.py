@@ -253,6 +253,23 @@ def test_a_checkpoint_that_fails_its_checksum_is_skipped_for_the_one_before_it(c
         newest_intact([(2, str(older)), (4, str(newer))])
 
 
+def test_a_checkpoint_whose_checkpoint_json_is_cut_is_skipped_for_the_one_before_it(checkpoint, tmp_path, caplog):
+    """An upload cut inside checkpoint.json (a SIGKILL, a full disk): resume, export of the run and jobs.local's
+    "already trained?" all take the checkpoint before it, saying so; named directly, it stops with one line."""
+    from pipeline.train import finished_step, resumable
+
+    older, newer = two_checkpoint_run(checkpoint, tmp_path / "run")
+    meta = newer / "checkpoint.json"
+    meta.write_bytes(meta.read_bytes()[:40])
+    with caplog.at_level("WARNING", logger="pipeline.export"):
+        assert resumable(str(newer)).url == str(older)
+    assert f"skipping checkpoint {newer}: its checkpoint.json is not valid JSON" in caplog.text
+    assert read_config(export_checkpoint(str(tmp_path / "run"), str(tmp_path / "a")))["source"]["step"] == 2
+    assert finished_step(load_config("tiny", ["train.steps=4"]).train, str(tmp_path / "run")) is None
+    with pytest.raises(ExportError, match="checkpoint.json: not valid JSON"):
+        export_checkpoint(str(newer), str(tmp_path / "b"))
+
+
 def test_untrained_parts_are_exported_at_their_initialisation(tmp_path):
     """With model.trainable without `queries`, the checkpoint has no query vectors: the export holds
     the run's initial ones (seed = train.seed), so inference uses what training used."""
