@@ -63,16 +63,20 @@ class TrainState:
 
 def refuse_pickles(url: str, what: str = "checkpoint") -> None:
     """Raise CheckpointError if `url` (a directory, searched recursively) holds a pickle file. Nothing is
-    unpickled to decide: names first, then the first bytes of every other file."""
+    unpickled to decide: names first, then the first bytes of every other file but *.safetensors, which only
+    the safetensors parser reads (it never unpickles) and whose first 8 bytes are its header's length, which
+    can read as a pickle's opening bytes (a 640-byte header opens with 0x80 0x02)."""
     fs, root = cache.filesystem(url)
     for path in sorted(fs.find(root)):
         name = path.rsplit("/", 1)[-1]
         if name.lower().endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{url}: refusing a {what} that holds {name!r}, a pickle file by its name "
                                   "(loading it could run arbitrary code); only safetensors and JSON are read")
+        if name.endswith(".safetensors"):
+            continue
         with fs.open(path, "rb") as f:
             head = f.read(4)
-        if head[:2] in PICKLE_MAGIC or (head == ZIP_MAGIC and not name.endswith(".safetensors")):
+        if head[:2] in PICKLE_MAGIC or head == ZIP_MAGIC:
             raise CheckpointError(f"{url}: refusing a {what} that holds {name!r}, whose first bytes are a pickle's "
                                   "(or torch.save's); only safetensors and JSON are read")
 

@@ -108,6 +108,21 @@ def test_a_planted_pickle_in_a_model_directory_is_refused(checkpoint, tmp_path):
     assert not marker.exists()
 
 
+def test_a_safetensors_file_whose_header_length_reads_as_pickle_magic_is_not_refused(tmp_path):
+    """A safetensors file opens with its header's length (u64, little-endian): 640 bytes read 0x80 0x02, a
+    pickle's protocol-2 opening. The parser that reads it never unpickles, so it is not refused."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "weights-00000.safetensors"
+    for pad in range(700):  # the metadata's length moves the header's
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"k": "a" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] in ckpt.PICKLE_MAGIC
+    ckpt.refuse_pickles(str(tmp_path))
+    assert torch.equal(load_file(str(path))["w"], torch.zeros(2))
+
+
 def test_a_corrupt_or_truncated_file_fails_its_checksum(checkpoint, cfg):
     data = bytearray((checkpoint / "optimizer.safetensors").read_bytes())
     data[-5] ^= 0x01
