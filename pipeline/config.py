@@ -259,6 +259,10 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        counts = ("num_workers", "global_batch_size", "micro_batch_size", "steps", "log_every", "checkpoint_every",
+                  "keep_checkpoints")
+        if bad := [f"train.{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]:
+            raise ConfigError(f"{', '.join(bad)}: must be >= 1")
         if "jsonl" not in self.loggers:
             raise ConfigError(f"train.loggers={self.loggers} must include 'jsonl': jobs.plot and the training report "
                               "read <output>/logs/metrics.jsonl")

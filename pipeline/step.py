@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.losses import DivaLoss
 
 
@@ -123,8 +124,9 @@ def accumulation(tcfg: Any, world: int) -> int:
     """Micro-batches per worker per step, so that micro x accum x workers = the global batch."""
     per_step = tcfg.micro_batch_size * world
     if tcfg.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size {tcfg.global_batch_size} is not a multiple of "
-                         f"micro_batch_size {tcfg.micro_batch_size} x {world} workers")
+        raise ConfigError(f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={tcfg.micro_batch_size} x {world} workers (train.num_workers): "
+                          "every worker accumulates whole micro-batches to each step")
     return tcfg.global_batch_size // per_step
 
 

@@ -305,6 +305,7 @@ def run_training(cfg: Config, mels_url: str, teacher_url: str, output_url: str) 
 
     trainer_cls, scaling = trainer_and_scaling(cfg.train)
     require_workers(cfg, scaling)  # first: a request the cluster can never meet fails in seconds
+    accumulation(cfg.train, cfg.train.num_workers)  # a batch the workers cannot split fails here, not in each worker
     tracked = tracking.for_workers(cfg, output_url)  # the loggers' packages, the MLflow URI
     check_features(cfg)
     tcfg = cfg.train

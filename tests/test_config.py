@@ -53,6 +53,8 @@ def test_yaml_file_and_unknown_preset(tmp_path):
     ("eval.num_actors=0", "eval.num_actors must be >= 1"),
     ("train.w_kl=0.5", "train.w_kl=0.5 needs the teacher's top-k"),
     ("prepare.rows_per_task=0", "prepare.rows_per_task and prepare.rows_per_file must be >= 1"),
+    ("train.log_every=0", "train.log_every=0: must be >= 1"),  # else a ZeroDivisionError in every worker
+    ("train.micro_batch_size=0", "train.micro_batch_size=0: must be >= 1"),
 ])
 def test_choices_are_checked_once_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
