@@ -98,8 +98,9 @@ def stop_ids(llm: Any, tokenizer: Any, template: ChatTemplate) -> set[int]:
     return ids
 
 
-def render_ids(tokenizer: PreTrainedTokenizerBase, text: str, system_prompt: str | None = None) -> list[int]:
-    """apply_chat_template's ids for one user turn with the generation prompt.
+def render_ids(tokenizer: PreTrainedTokenizerBase, text: str, system_prompt: str | None = None,
+               generation_prompt: bool = True) -> list[int]:
+    """apply_chat_template's ids for one user turn, with the generation prompt unless told otherwise.
 
     return_dict=False: in transformers 5 `apply_chat_template(..., tokenize=True)` returns a
     BatchEncoding unless told otherwise.
@@ -109,7 +110,7 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, text: str, system_prompt: str
         messages.insert(0, {"role": "system", "content": system_prompt})
     try:
         ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
         )
     # ValueError: no chat template; jinja2's TemplateError: the template's own raise_exception, e.g.
     # a model whose template refuses a system turn.
@@ -134,6 +135,12 @@ def derive_template(
         raise TemplateError(
             f"{_name(tokenizer)}: the chat template adds nothing after the user turn "
             "(no generation prompt), so no position predicts the first response token"
+        )
+    if render_ids(tokenizer, SENTINELS[0], system_prompt, generation_prompt=False) == first:
+        raise TemplateError(
+            f"{_name(tokenizer)}: the chat template renders the same with and without add_generation_prompt: "
+            "it opens no assistant turn, so the last position would predict the next turn's header, not the "
+            "first response token"
         )
     template = ChatTemplate(
         prefix_ids=tuple(first[:n_prefix]),

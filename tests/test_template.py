@@ -140,6 +140,16 @@ def test_template_without_generation_prompt_is_refused():
         derive_template(local)
 
 
+def test_template_that_ignores_add_generation_prompt_is_refused():
+    """ChatML without its generation-prompt clause closes the user turn (a suffix) but opens no assistant turn:
+    every target would be the state that predicts the next turn's opening."""
+    local = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    local.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                           "'<|im_end|>' + '\\n' }}{% endfor %}")
+    with pytest.raises(TemplateError, match="the same with and without add_generation_prompt"):
+        derive_template(local)
+
+
 def test_template_that_refuses_a_system_turn_is_reported():
     local = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     local.chat_template = (
