@@ -322,6 +322,13 @@ def parquet_columns(schema: pa.Schema, pcfg: PrepareConfig, where: str) -> dict[
     if missing:
         looked = "" if text else f"; a text column is one of {', '.join(TEXT_COLUMNS)}"
         raise PrepareError(f"{where}: no {' and no '.join(missing)}; its columns: {', '.join(schema.names)}{looked}")
+    kind = schema.field(audio).type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or
+            (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+        # A string column would be paths: read as local files they could lie anywhere (outside the dataset).
+        raise PrepareError(f"{where}: the audio column {audio!r} (prepare.audio_column) is {kind}; the Parquet layout "
+                           "reads embedded audio, a binary column or a {bytes, path} struct (for audio files by path, "
+                           "write a JSONL manifest: paths relative to it)")
     return {"audio_column": audio, "text_column": text, "id_column": pcfg.id_column}
 
 

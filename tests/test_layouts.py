@@ -238,6 +238,11 @@ def test_auto_detection_picks_the_layout_and_nothing_recognisable_is_one_line(co
     with pytest.raises(PrepareError, match=r"no text column 'words' \(prepare.text_column\); its columns: "
                                            r"client_id, audio, sentence$"):
         run_prepare(tiny("prepare.text_column=words"), str(parquet), str(tmp_path / "out"))
+    paths = tmp_path / "paths" / "data"  # audio by path in a string column: read, it could be any local file
+    paths.mkdir(parents=True)
+    pq.write_table(pa.table({"file": ["/etc/passwd"], "sentence": ["A."]}), paths / "train-00000-of-00001.parquet")
+    with pytest.raises(PrepareError, match=r"the audio column 'file' \(prepare.audio_column\) is string; .* JSONL"):
+        run_prepare(tiny("prepare.audio_column=file", "prepare.splits=[train]"), str(paths.parent), str(tmp_path / "o"))
 
 
 def test_a_commonvoice_plan_keeps_its_fingerprint_content(corpus):
