@@ -92,7 +92,8 @@ def audio_features(data: bytes | str, name: str, fcfg: FeatureConfig | None = No
     row = featurize_clip({"source": name}, data, fcfg, checks)
     if row.get("reason"):
         error = _ERRORS.get(row["reason"], UnreadableAudio)
-        hint = " (the model reads one 30 s window; trim or split the clip)" if error is AudioTooLong else ""
+        hint = f" (the model reads one {fcfg.chunk_length_s:g} s window; trim or split the clip)" \
+            if error is AudioTooLong else ""
         raise error(f"{name}: {row['reason'].replace('_', ' ')}: {row['detail']}{hint}")
     return torch.from_numpy(features.restore_row(row["mel"], row["mel_pad_value"], fcfg)).unsqueeze(0)
 
@@ -154,7 +155,7 @@ def _features(model: DiVA, input_features: torch.Tensor) -> torch.Tensor:
 
 def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor | None = None, *, prompt: str | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
-             seed: int | None = None, virtual: torch.Tensor | None = None) -> Iterator[int]:
+             seed: int | None = None, virtual: torch.Tensor | None = None) -> TokenStream:
     """Token ids of the answer, one at a time, as the LLM produces them (KV cache). Ends after a stop
     token (which is yielded last, as the reference model keeps it; decode with
     skip_special_tokens=True) or after `max_new_tokens`. temperature 0 is greedy; above 0, samples
@@ -174,12 +175,12 @@ def generate(model: DiVA, tokenizer: Any, input_features: torch.Tensor | None = 
 
 
 def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: int, temperature: float,
-            seed: int | None) -> Iterator[int]:
+            seed: int | None) -> TokenStream:
     """transformers' own `generate` (KV cache, stopping at any stop id) in a thread, its tokens handed
     over one at a time through a streamer. Sampling is plain softmax(logits / temperature) (no top-k or
     top-p), drawn by `_Sampler` from a generator of its own seeded with `seed`: concurrent answers (a server's
     threads) neither share nor disturb a random state."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
                               pad_token_id=min(stops) if stops else None)
@@ -189,10 +190,11 @@ def _decode(model: DiVA, embeds: torch.Tensor, stops: set[int], max_new_tokens: 
     def run() -> None:
         with torch.inference_mode():
             model.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-                               logits_processor=processors, streamer=streamer)
+                               logits_processor=processors, stopping_criteria=StoppingCriteriaList([streamer]),
+                               streamer=streamer)
 
-    streamer = _TokenStream(run)
-    return iter(streamer)
+    streamer = TokenStream(run)
+    return streamer
 
 
 class _Sampler:
@@ -210,16 +212,27 @@ class _Sampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
-class _TokenStream:
-    """A `generate` streamer that hands token ids to the caller's thread as they are produced; an error in
-    the generating thread is raised in the caller's. The first `put` is the prompt: with inputs_embeds alone,
-    an empty tensor."""
+class TokenStream:
+    """An iterator over the token ids `generate` produces in its own thread (started at the first `next`), as
+    its streamer; an error in the generating thread is raised in the caller's. `stop()` (the reader is gone: a
+    closed connection) ends the generation at its next token, as its stopping criterion, instead of running on
+    to max_new_tokens. The first `put` is the prompt: with inputs_embeds alone, an empty tensor."""
 
     _END = object()
 
     def __init__(self, target: Any):
         self.queue: queue.Queue = queue.Queue()
         self.target = target
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.done = False
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        """The stopping criterion: every sequence ends once `stop()` was called."""
+        return torch.full((input_ids.shape[0],), self.stopped.is_set(), dtype=torch.bool, device=input_ids.device)
 
     def put(self, value: torch.Tensor) -> None:
         for token in value.reshape(-1).tolist():
@@ -235,14 +248,23 @@ class _TokenStream:
             self.queue.put(exc)
             self.queue.put(self._END)
 
-    def __iter__(self) -> Iterator[int]:
-        thread = threading.Thread(target=self._run, daemon=True)
-        thread.start()
-        while (item := self.queue.get()) is not self._END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        thread.join()
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        if self.done:
+            raise StopIteration
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        item = self.queue.get()
+        if item is self._END:
+            self.done = True
+            self.thread.join()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 def stream_text(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:

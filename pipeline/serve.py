@@ -25,7 +25,7 @@ import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,7 @@ class Generation:
     prompt_tokens: int
     stops: set[int]
     ids: list[int] = dataclasses.field(default_factory=list)
+    stop: Callable[[], None] = lambda: None  # the reader is gone: generation ends at its next token
 
     @property
     def completion_tokens(self) -> int:
@@ -252,7 +253,7 @@ class Answerer:
             except asking.AskError as exc:
                 raise RequestError(str(exc), param="max_tokens" if "max_new_tokens" in str(exc) else None) from None
         prompt_tokens = len(template.prefix_ids) + virtual.shape[1] + len(template.suffix_ids)
-        gen = Generation(iter(()), prompt_tokens, stops)
+        gen = Generation(iter(()), prompt_tokens, stops, stop=tokens.stop)
 
         def counted() -> Iterator[int]:
             for token in tokens:
@@ -336,12 +337,27 @@ def build_app(args: dict[str, Any]) -> Any:
     return application(*serve_args(args))
 
 
+def replica_options(cfg: Config) -> dict[str, float]:
+    """One replica's Ray resources: serve.cpus_per_replica, and a GPU on eval.device=cuda."""
+    return {"num_cpus": cfg.serve.cpus_per_replica, "num_gpus": 1 if cfg.eval.device == "cuda" else 0}
+
+
+def require_replicas(cfg: Config) -> None:
+    """The replicas fit on the cluster (pipeline.resources): else one line now, not Serve waiting for ever."""
+    from pipeline.resources import require
+
+    options = replica_options(cfg)
+    require({"CPU": options["num_cpus"], "GPU": float(options["num_gpus"])}, cfg.serve.num_replicas,
+            what=f"serving ({cfg.serve.num_replicas} replica(s) on eval.device={cfg.eval.device})",
+            change="--replicas (serve.num_replicas), --device (eval.device) or serve.cpus_per_replica",
+            timeout_s=cfg.cluster.autoscaler_timeout_s)
+
+
 def application(model: str, cfg: Config) -> Any:
     """`Endpoint` for the model directory `model`, sized by cfg.serve (and a GPU each on eval.device=cuda)."""
     scfg = cfg.serve
-    actor = {"num_cpus": scfg.cpus_per_replica, "num_gpus": 1 if cfg.eval.device == "cuda" else 0}
     return Endpoint.options(num_replicas=scfg.num_replicas, max_ongoing_requests=scfg.max_ongoing_requests,
-                            ray_actor_options=actor).bind(model, cfg.to_dict())
+                            ray_actor_options=replica_options(cfg)).bind(model, cfg.to_dict())
 
 
 @serve.deployment(name="diva")
@@ -424,7 +440,10 @@ def asgi_app(endpoint: Any) -> Any:
         if ask.stream:
             return StreamingResponse(events(endpoint, gen, ask, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text = await endpoint.run(lambda: "".join(gen.pieces))
+        try:
+            text = await endpoint.run(lambda: "".join(gen.pieces))
+        finally:  # a client that hangs up (this task cancelled) stops its generation, as a finished one is
+            gen.stop()
         return completion_body(cid, created, endpoint.name, text, gen)
 
     if WEB_DIR.is_dir():
@@ -462,6 +481,8 @@ async def events(endpoint: Any, gen: Generation, ask: AskRequest, cid: str, crea
     except Exception as exc:  # the status line is sent: the error goes in the stream, as OpenAI's does
         yield sse(error_body(f"generation failed: {type(exc).__name__}: {exc}", "server_error"))
         return
+    finally:  # the client hung up (or pressed the page's Stop): the generation ends at its next token
+        gen.stop()
     yield sse(chunk_body(cid, created, name, {}, gen.finish_reason, include_usage=usage))
     if usage:
         yield sse(chunk_body(cid, created, name, None, usage=gen.usage(), include_usage=True))

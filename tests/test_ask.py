@@ -171,6 +171,18 @@ def test_generation_stops_at_the_end_of_turn_token(model_dir, features):
     assert list(generate(model, tokenizer, features, max_new_tokens=20)) == [eot]
 
 
+def test_a_stopped_generation_ends_at_its_next_token(loaded, features):
+    """A reader that is gone (a server's client hung up) calls stop(): the generating thread ends after the token
+    it is on, instead of running on to max_new_tokens with nobody reading."""
+    model, tokenizer = loaded
+    whole = list(generate(model, tokenizer, features, max_new_tokens=48))
+    assert len(whole) == 48  # no stop token: unstopped, it runs to max_new_tokens
+    tokens = generate(model, tokenizer, features, max_new_tokens=48)
+    tokens.stop()  # before the first token: generation ends after it
+    assert list(tokens) == whole[:1]
+    assert not tokens.thread.is_alive()
+
+
 def test_bad_generation_arguments(loaded, features):
     model, tokenizer = loaded
     with pytest.raises(AskError, match="max_new_tokens"):

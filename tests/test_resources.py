@@ -29,6 +29,19 @@ def test_placeable_counts_whole_units_per_node():
 
 
 @pytest.mark.slow
+def test_serving_on_a_gpu_or_more_replicas_than_fit_fails_at_once_by_name(ray_local):
+    """jobs.serve's check before Serve starts: the README's `--device cuda` on a CPU-only cluster, or 3 replicas of
+    one CPU on 2, is one line naming what to change, not Serve waiting for replicas that never start."""
+    from pipeline.serve import require_replicas
+
+    for overrides, asked in ((["eval.device=cuda"], "GPU 1"), (["serve.num_replicas=3"], r"3 x \[CPU 1")):
+        t0 = time.monotonic()
+        with pytest.raises(ResourceUnavailable, match=f"{asked}.*--replicas \\(serve.num_replicas\\)"):
+            require_replicas(load_config("tiny", overrides))
+        assert time.monotonic() - t0 < 10
+    require_replicas(load_config("tiny"))  # one replica of one CPU fits
+
+
 def test_a_gpu_teacher_on_a_cpu_cluster_fails_at_once_by_name(ray_local, prepared_mels, tmp_path):
     from pipeline.teacher import run_teacher
 
