@@ -165,7 +165,9 @@ class DivaLoss:
     alignment alone is incoherent); it states no weighting, so both weights default to 1.0. The released
     training code (levanter's DiVA model) also adds them 1:1, but averages the alignment norms over all
     real tokens in the batch rather than summing them per example as Eq. 1 does: ``align_reduction=
-    "token_mean"`` gives that, ``"sum"`` (default) follows Eq. 1 and DESIGN.md. The top-k KL term is off
+    "token_mean"`` gives that within each micro-batch (a step averages its micro-batches' token means, so with
+    accumulation it depends on how the batch is cut), ``"sum"`` (default) follows Eq. 1 and DESIGN.md and does
+    not depend on the cut. The top-k KL term is off
     (``w_kl=0``) unless asked for. A term whose weight is 0 stays out of the total (but is still logged).
     """
 
