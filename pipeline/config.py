@@ -226,7 +226,7 @@ class TrainConfig:
     # Which virtual tokens the transcript aligns with: "right", the last N (paper section 3.2.1); "left", the
     # first N (beyond the paper: learns the words several times faster on a small budget, docs/small.md).
     align_side: Literal["right", "left"] = "right"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen encoder/LLM; trainable weights stay float32
+    dtype: Literal["float32", "bfloat16"] = "float32"  # FSDP2/XLA compute dtype; weights stay float32 (plain: float32)
     activation_checkpointing: bool = False
     # FSDP2 (`fully_shard`): null = on for cuda (any worker count; it also carries bf16 compute), off
     # for cpu; true on cpu runs the same sharded path over gloo (tests, big-memory CPU nodes).
@@ -384,6 +384,10 @@ class Config:
             raise ConfigError(f"prepare.max_duration_s={self.prepare.max_duration_s} exceeds the encoder window "
                               f"features.chunk_length_s={self.features.chunk_length_s}: longer clips would be cut")
         sharded = self.train.fsdp if self.train.fsdp is not None else self.train.device == "cuda"
+        if self.train.dtype != "float32" and self.train.device != "xla" and not sharded:
+            raise ConfigError(f"train.dtype={self.train.dtype} is the FSDP2 backend's mixed precision (train.fsdp, on "
+                              "by default on cuda) and XLA's; the plain backend (train.fsdp=false, or on cpu) "
+                              "computes in float32: set train.dtype=float32, or train.fsdp=true")
         if self.train.cache_encoder and (self.train.device == "xla" or sharded):
             raise ConfigError("train.cache_encoder needs the plain backend (train.device cpu, or cuda with "
                               "train.fsdp=false): a sharded encoder runs collectively on every worker")

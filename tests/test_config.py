@@ -54,6 +54,7 @@ def test_yaml_file_and_unknown_preset(tmp_path):
     ("train.w_kl=0.5", "train.w_kl=0.5 needs the teacher's top-k"),
     ("prepare.rows_per_task=0", "prepare.rows_per_task and prepare.rows_per_file must be >= 1"),
     ("train.log_every=0", "train.log_every=0: must be >= 1"),  # else a ZeroDivisionError in every worker
+    ("train.dtype=bfloat16", r"train.dtype=bfloat16 is the FSDP2 backend's mixed precision .* train.dtype=float32"),
     ("train.micro_batch_size=0", "train.micro_batch_size=0: must be >= 1"),
 ])
 def test_choices_are_checked_once_when_the_config_loads(override, message):
