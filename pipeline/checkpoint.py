@@ -51,11 +51,19 @@ class CheckpointError(PipelineError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Where a run is: optimizer steps done, and the data position (epoch, micro-batches into it)."""
+    """Where a run is: optimizer steps done, and the data position: the epoch, and the micro-batches each of the
+    `world` workers that wrote it had read into that epoch (None: a checkpoint from before the count was kept)."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    world: int | None = None
+
+    def skip(self, world: int) -> int:
+        """Micro-batches each of `world` workers passes over to resume here: as many examples of the epoch in all as
+        were read, so a run resumed on another worker count neither repeats nor leaves out part of the epoch
+        (rounded down: a few repeat when the count does not divide). Which rows a worker reads is the split's."""
+        return self.batch_in_epoch if self.world is None else self.batch_in_epoch * self.world // world
 
 
 # --- safety -------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from pipeline.step import accumulation, lr_at, make_optimizer, train_step
 log = logging.getLogger(__name__)
 
 
-def micro_batches(shard: Any, collate: Any, micro: int, state: ckpt.TrainState) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, index in epoch, batch) forever, starting at the checkpoint's data position."""
-    epoch, skip = state.epoch, state.batch_in_epoch
+def micro_batches(shard: Any, collate: Any, micro: int, state: ckpt.TrainState,
+                  world: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, index in epoch, batch) forever, starting at the checkpoint's data position (TrainState.skip)."""
+    epoch, skip = state.epoch, state.skip(world)
     while True:
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=micro, drop_last=True, collate_fn=collate)):
             if i >= skip:
@@ -197,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     collate = Collate(n_mels=cfg.features.n_mels, n_frames=cfg.features.n_frames, num_queries=cfg.model.num_queries,
                       target_dtype=config["target_dtype"], keys=tcfg.cache_encoder,
                       distill_positions=tcfg.distill_positions)
-    batches = micro_batches(ray.train.get_dataset_shard("train"), collate, tcfg.micro_batch_size, state)
+    batches = micro_batches(ray.train.get_dataset_shard("train"), collate, tcfg.micro_batch_size, state, world)
     if tcfg.cache_encoder:
         model.encoder_cache = EncoderCache(tcfg.encoder_cache_mb * 2**20)
     loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, w_kl=tcfg.w_kl,
@@ -217,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 align_only if step < tcfg.align_only_steps else loss_fn,
                                 optimizer, backend, lr=lr, grad_clip=tcfg.grad_clip)
             examples += tcfg.global_batch_size
-            state = ckpt.TrainState(step=step + 1, epoch=micro[-1][0], batch_in_epoch=micro[-1][1] + 1)
+            state = ckpt.TrainState(step=step + 1, epoch=micro[-1][0], batch_in_epoch=micro[-1][1] + 1, world=world)
             stop = any_worker(_sigterm.is_set(), world) and state.step < end  # every rank stops at the same step
             last = state.step == end or stop
             log_now = state.step % tcfg.log_every == 0 or last or step == 0

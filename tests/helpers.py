@@ -22,7 +22,7 @@ def write_checkpoint(directory: Path, model, cfg, step: int, optimizer=None) -> 
     """A checkpoint of `model` as the training loop writes it (the plain backend's save)."""
     directory.mkdir(parents=True, exist_ok=True)
     optimizer = optimizer or make_optimizer(model.trainable_parameters(), cfg.train)
-    PlainBackend(cfg.train).save(str(directory), model, optimizer, TrainState(step=step, batch_in_epoch=step),
+    PlainBackend(cfg.train).save(str(directory), model, optimizer, TrainState(step=step, batch_in_epoch=step, world=1),
                                  cfg.to_dict())
     return directory
 

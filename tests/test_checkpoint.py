@@ -65,7 +65,7 @@ def test_the_layout_is_safetensors_and_json_with_checksums(checkpoint):
                                                             "trainable.safetensors"]
     meta = json.loads((checkpoint / "checkpoint.json").read_text())
     assert (meta["format"], meta["version"], meta["layout"]) == ("diva-ray-checkpoint", 2, "full")
-    assert meta["state"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4}
+    assert meta["state"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4, "world": 1}
     for name in ("trainable.safetensors", "optimizer.safetensors"):
         assert meta["files"][name] == ckpt.sha256((checkpoint / name).read_bytes())
     assert [g["weight_decay"] for g in meta["optimizer"]["param_groups"]] == [0.1, 0.0]

@@ -58,6 +58,16 @@ def test_optimizer_decays_matrices_only(student):
     assert len(decay["params"]) + len(no_decay["params"]) == len(student.trainable_parameters())
 
 
+def test_a_resume_on_another_worker_count_passes_over_the_examples_already_read():
+    """The data position counts each writer's micro-batches: resumed on another worker count, every worker passes
+    over its share of the same examples (rounded down), not the writer's count of its own micro-batches."""
+    assert TrainState(batch_in_epoch=4, world=1).skip(2) == 2  # 4 batches read by 1 worker: 2 each for 2
+    assert TrainState(batch_in_epoch=4, world=2).skip(1) == 8  # a node lost: 8 batches were read
+    assert TrainState(batch_in_epoch=3, world=2).skip(4) == 1  # 6 over 4: one each, 2 batches read again
+    assert TrainState(batch_in_epoch=5, world=8).skip(8) == 5  # the same count: the position as written
+    assert TrainState(batch_in_epoch=5).skip(4) == 5  # a checkpoint from before `world` was kept: as written
+
+
 def test_checkpoint_round_trip(student, tmp_path):
     from pipeline.model import build_student
 
@@ -66,11 +76,11 @@ def test_checkpoint_round_trip(student, tmp_path):
     student.queries.grad = torch.ones_like(student.queries)
     opt.step()
     backend = PlainBackend(cfg.train)
-    backend.save(str(tmp_path), student, opt, TrainState(step=7, epoch=1, batch_in_epoch=3), cfg.to_dict())
+    backend.save(str(tmp_path), student, opt, TrainState(step=7, epoch=1, batch_in_epoch=3, world=2), cfg.to_dict())
     fresh = build_student(cfg, seed=123)
     fresh_opt = make_optimizer(fresh.trainable_parameters(), cfg.train)
     state = backend.load(Checkpoint(str(tmp_path)), fresh, fresh_opt)
-    assert state == TrainState(step=7, epoch=1, batch_in_epoch=3)
+    assert state == TrainState(step=7, epoch=1, batch_in_epoch=3, world=2)
     for name, p in student.trainable_parameters().items():
         assert torch.equal(p, fresh.trainable_parameters()[name]), name
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
