@@ -10,7 +10,6 @@ instead: `serve deploy infra/ray/serve.yaml` (the same application).
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -29,15 +28,15 @@ def run() -> int:
     from pipeline.export import read_config
 
     read_config(args.model)  # a missing or incomplete directory (local or gs://) fails here, not in a replica
-    model = args.model if "://" in args.model else os.path.abspath(args.model)  # replicas have their own cwd
     _common.init_ray()
     from ray import serve
 
+    from pipeline.builders import resolve
     from pipeline.serve import application, default_model_name, require_replicas
 
     require_replicas(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(application(model, cfg), name="diva", route_prefix="/")
+    serve.run(application(resolve(args.model), cfg), name="diva", route_prefix="/")  # replicas have their own cwd
     name = cfg.serve.model_name or default_model_name(args.model)
     print(f"serving {name!r} at http://{cfg.serve.host}:{cfg.serve.port}/v1/chat/completions (Ctrl-C stops)",
           flush=True)

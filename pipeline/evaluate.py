@@ -36,8 +36,9 @@ import torch
 
 from pipeline import PipelineError, cache, layout
 from pipeline.ask import AudioError, generate, llm_inputs, load_audio, prompt_template
+from pipeline.builders import resolve
 from pipeline.config import ClusterConfig, Config, EvalConfig, from_dict
-from pipeline.export import audio_settings, load_model, model_files, read_config
+from pipeline.export import load_model, model_files, read_config
 from pipeline.ingest import collate, training_dataset
 from pipeline.losses import kl_divergence
 from pipeline.teacher import target_spec
@@ -386,11 +387,6 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _for_workers(path: str) -> str:
-    """Local directories absolute: Ray actors do not share the driver's working directory."""
-    return os.path.abspath(path) if "://" not in path and os.path.isdir(path) else path
-
-
 class DistillWorker:
     """A Ray Data actor: one model; joined rows (ingest's columns) -> per-example distillation metrics."""
 
@@ -422,9 +418,9 @@ class TaskWorker:
     def __init__(self, model_dir: str, ecfg: EvalConfig):
         use_cpus(ecfg)
         self.ecfg = ecfg
-        self.fcfg, self.checks = audio_settings(read_config(model_dir))
         self.model, self.tokenizer = load_model(model_dir, ecfg.device, _dtype(ecfg.dtype), whisper=ecfg.whisper,
                                                 llm=ecfg.llm)
+        self.fcfg, self.checks = self.model.audio_settings
         self.templates: dict[str | None, ChatTemplate] = {}
 
     def template(self, instruction: str | None) -> ChatTemplate:
@@ -517,7 +513,7 @@ def evaluate_distillation(model_dir: str, mels_url: str, teacher_url: str, ecfg:
         tokenizer = AutoTokenizer.from_pretrained(local)
     ds, info = training_dataset(mels_url, teacher_url, expect=expected_target_spec(config, tokenizer),
                                 split=ecfg.split, shuffle_seed=None)
-    ds = ds.map_batches(DistillWorker, fn_constructor_kwargs={"model_dir": _for_workers(model_dir), "ecfg": ecfg,
+    ds = ds.map_batches(DistillWorker, fn_constructor_kwargs={"model_dir": resolve(model_dir), "ecfg": ecfg,
                                                               "collate_kwargs": info["collate"]},
                         batch_size=ecfg.batch_size, batch_format="numpy", **_actor_options(ecfg))
     tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
@@ -544,7 +540,7 @@ def evaluate_tasks(model_dir: str, tasks: Sequence[tuple[str, Sequence[TaskExamp
         return {name: [] for name, _ in tasks}
     blocks = max(1, min(len(items), -(-len(items) // ecfg.task_batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        TaskWorker, fn_constructor_kwargs={"model_dir": _for_workers(model_dir), "ecfg": ecfg},
+        TaskWorker, fn_constructor_kwargs={"model_dir": resolve(model_dir), "ecfg": ecfg},
         batch_size=ecfg.task_batch_size, batch_format="pyarrow", **_actor_options(ecfg))
     batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     done = {(r["manifest"], r["line"]): r for r in pa.concat_tables(batches).to_pylist()}
@@ -654,7 +650,7 @@ def answer_spoken_questions(models: dict[str, str], mels_url: str, ecfg: EvalCon
     from pipeline.ingest import question_rows
 
     rows = qa.pick(question_rows(mels_url, ecfg.split), ecfg.max_questions)
-    answered = qa.answer_questions({name: _for_workers(d) for name, d in models.items()}, rows, ecfg,
+    answered = qa.answer_questions({name: resolve(d) for name, d in models.items()}, rows, ecfg,
                                    _actor_options(ecfg))
     return answered, qa.summarise_answers(answered, [*models, "cascade"]) | {"split": ecfg.split}
 

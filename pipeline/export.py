@@ -336,10 +336,9 @@ def audio_settings(config: Mapping[str, Any]) -> tuple[FeatureConfig, PrepareCon
 
 @contextlib.contextmanager
 def model_files(path: str, *, weights: bool = True) -> Iterator[str]:
-    """A complete model directory as a local one: itself where it is local, else a download into a temporary
-    directory that is removed on exit. Loading reads every file into memory, so no copy outlives a load (a
-    paper-size Q-Former is ~3 GB a copy). `weights=False` leaves the weights file out (the tokenizer alone)."""
-    read_config(path)
+    """A model directory (one `read_config` has checked) as a local one: itself where it is local, else a download
+    into a temporary directory that is removed on exit. Loading reads every file into memory, so no copy outlives a
+    load (a paper-size Q-Former is ~3 GB a copy). `weights=False` leaves the weights file out (the tokenizer alone)."""
     fs, root = cache.filesystem(path)
     if cache.is_local(fs):
         yield root

@@ -139,18 +139,17 @@ class AnswerWorker:
 
     def __init__(self, models: Mapping[str, str], ecfg: Any):
         from pipeline.evaluate import use_cpus
-        from pipeline.export import audio_settings, load_model, read_config
+        from pipeline.export import load_model, read_config
 
         use_cpus(ecfg)
         self.ecfg = ecfg
         dtype = getattr(torch, ecfg.dtype)
         self.students = {name: load_model(path, ecfg.device, dtype, whisper=ecfg.whisper, llm=ecfg.llm)
                          for name, path in models.items()}
-        first = next(iter(models.values()))
-        self.fcfg, _ = audio_settings(read_config(first))
         model, self.tokenizer = next(iter(self.students.values()))
+        self.fcfg, _ = model.audio_settings
         self.llm, self.template = model.llm, model.template
-        self.whisper, self.whisper_tokenizer = _cascade_whisper(read_config(first), ecfg, dtype)
+        self.whisper, self.whisper_tokenizer = _cascade_whisper(read_config(next(iter(models.values()))), ecfg, dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The block's questions answered together: each system's generation runs once over the batch."""
