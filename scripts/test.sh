@@ -9,7 +9,9 @@ log=$(mktemp)
 bash scripts/setup_xla.sh > "$log" 2>&1 &
 xla_setup=$!
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
+# Two workers, each taking a whole test module at a time (module fixtures are built once): one worker's process and
+# Ray starts overlap the other's compute (tests/conftest.py: LONGEST_FIRST).
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@" || status=$?
 if ! wait "$xla_setup"; then
   cat "$log"; echo "test: scripts/setup_xla.sh failed"; exit 1
 fi
