@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -45,3 +46,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Every line of a local run's logs/metrics.jsonl, re-run steps included (pipeline.report.read_metrics keeps
+    only the last record of each step: what a resumed run re-ran is what the resume tests look at)."""
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
