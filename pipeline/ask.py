@@ -52,7 +52,7 @@ class EmptyAudio(AudioError):
 
 
 class AudioTooLong(AudioError):
-    """Longer than the one 30 s window the model reads."""
+    """Longer than the one window the model reads (`max_audio_seconds`)."""
 
 
 _ERRORS = {cv.EMPTY_FILE: UnreadableAudio, cv.UNDECODABLE: UnreadableAudio, cv.EMPTY_AUDIO: EmptyAudio,
@@ -80,6 +80,12 @@ def load_audio(path: str | os.PathLike[str], fcfg: FeatureConfig | None = None,
     return audio_features(data, name, fcfg, checks)
 
 
+def max_audio_seconds(fcfg: FeatureConfig, checks: PrepareConfig) -> float:
+    """The longest clip the model answers: its encoder window (10 s for small/demo, 30 s for the paper's), or the
+    training's clip limit where that is shorter."""
+    return min(checks.max_duration_s, float(fcfg.chunk_length_s))
+
+
 def audio_features(data: bytes | str, name: str, fcfg: FeatureConfig | None = None,
                    checks: PrepareConfig | None = None) -> torch.Tensor:
     """Encoded audio (bytes, e.g. an HTTP request's) or a local file -> the encoder input, as `load_audio`;
@@ -88,7 +94,7 @@ def audio_features(data: bytes | str, name: str, fcfg: FeatureConfig | None = No
 
     fcfg = fcfg or FeatureConfig()
     checks = checks or PrepareConfig()
-    checks = dataclasses.replace(checks, max_duration_s=min(checks.max_duration_s, float(fcfg.chunk_length_s)))
+    checks = dataclasses.replace(checks, max_duration_s=max_audio_seconds(fcfg, checks))
     row = featurize_clip({"source": name}, data, fcfg, checks)
     if row.get("reason"):
         error = _ERRORS.get(row["reason"], UnreadableAudio)

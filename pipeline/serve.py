@@ -221,6 +221,7 @@ class Answerer:
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
         self.fcfg, self.checks = model.audio_settings
+        self.max_seconds = asking.max_audio_seconds(self.fcfg, self.checks)
         # A fast tokenizer's encode changes its own settings as it goes: two threads at once garble the chat
         # template (seen as special tokens split into characters). Every use of it takes this lock.
         self.lock = threading.Lock()
@@ -301,12 +302,15 @@ def sse(obj: Mapping[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def models_body(name: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_body(name, created)]}
+def models_body(name: str, created: int, max_audio_seconds: float) -> dict[str, Any]:
+    return {"object": "list", "data": [model_body(name, created, max_audio_seconds)]}
 
 
-def model_body(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "diva-ray"}
+def model_body(name: str, created: int, max_audio_seconds: float) -> dict[str, Any]:
+    """OpenAI's model object, plus `max_audio_seconds` (ours): the longest clip the model answers, which a client
+    (the web page's recorder) can stop at instead of meeting a 400."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "diva-ray",
+            "max_audio_seconds": max_audio_seconds}
 
 
 def default_model_name(model_dir: str) -> str:
@@ -420,14 +424,14 @@ def asgi_app(endpoint: Any) -> Any:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return models_body(endpoint.name, endpoint.created)
+        return models_body(endpoint.name, endpoint.created, endpoint.answerer.max_seconds)
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
         if name != endpoint.name:
             raise RequestError(f"The model `{name}` does not exist; this server serves `{endpoint.name}`",
                                status=404, param="model", code="model_not_found")
-        return model_body(endpoint.name, endpoint.created)
+        return model_body(endpoint.name, endpoint.created, endpoint.answerer.max_seconds)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:

@@ -101,9 +101,14 @@ def ask(client, path=CLIP, prompt=None, stream=False, **kwargs):
 # --- answers ---------------------------------------------------------------------------------------------
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_model(client, model_dir):
+    """The one model, with the longest clip it answers: its encoder window or its training's clip limit, the shorter
+    (read here from the export's config.json)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    longest = min(config["features"]["chunk_length_s"], config["audio_checks"]["max_duration_s"])
     assert [m.id for m in client.models.list()] == [NAME]
-    assert client.models.retrieve(NAME).id == NAME
+    listed = client.models.retrieve(NAME)
+    assert listed.id == NAME and listed.model_extra["max_audio_seconds"] == longest
 
 
 def test_streamed_and_whole_answers_equal_jobs_ask(client, model_dir, loaded):

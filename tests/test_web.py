@@ -157,6 +157,10 @@ def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_na
     browser.click("#record")
     browser.wait_until("'recording' in document.getElementById('record').dataset")
     browser.wait_until("/Recording… [3-9]/.test(document.getElementById('record-status').textContent)", 30)
+    longest = client.models.list().data[0].model_extra["max_audio_seconds"]  # the server's limit, shown and kept
+    assert browser.evaluate("document.getElementById('max-seconds').textContent") == f"up to {longest:g} s"
+    assert browser.evaluate("document.getElementById('record-status').textContent").endswith(
+        f"(stops at {longest:g} s)")
     browser.click("#record")
     browser.wait_until("!document.getElementById('ask').disabled", 30)
     wav = page_wav(browser)

@@ -7,7 +7,6 @@
 (() => {
   const ENDPOINT = "v1/chat/completions";
   const MODELS = "v1/models";
-  const MAX_SECONDS = 30; // the model reads one 30 s window; the server refuses longer clips
   const RATE = 16000; // the encoder's rate: converting at it keeps the upload small
   const NATIVE = { wav: ["audio/wav", "audio/x-wav", "audio/wave"], mp3: ["audio/mpeg", "audio/mp3"],
     flac: ["audio/flac", "audio/x-flac"] };
@@ -18,10 +17,12 @@
     preview: $("preview"), clipStatus: $("clip-status"), instruction: $("instruction"),
     temperature: $("temperature"), maxTokens: $("max-tokens"), seed: $("seed"), ask: $("ask"), stop: $("stop"),
     error: $("error"), answer: $("answer"), answerStatus: $("answer-status"), modelStatus: $("model-status"),
+    maxSeconds: $("max-seconds"),
   };
 
   let clip = null; // {blob, format, label}
   let model = null; // the served model's name, from GET /v1/models when the server lists one
+  let maxSeconds = 30; // the longest clip the server answers: its model's `max_audio_seconds` (Whisper's 30 s if unsaid)
   let recorder = null;
   let controller = null;
 
@@ -120,8 +121,8 @@
     recorder.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
     const tick = setInterval(() => {
       const s = (Date.now() - started) / 1000;
-      el.recordStatus.textContent = `Recording… ${s.toFixed(0)} s (stops at ${MAX_SECONDS} s)`;
-      if (s >= MAX_SECONDS) stopRecording();
+      el.recordStatus.textContent = `Recording… ${s.toFixed(0)} s (stops at ${maxSeconds} s)`;
+      if (s >= maxSeconds) stopRecording();
     }, 250);
     recorder.onstop = async () => {
       clearInterval(tick);
@@ -292,11 +293,15 @@
       const res = await fetch(MODELS);
       if (!res.ok) throw new Error(await errorMessage(res));
       const list = await res.json();
-      if (list.data && list.data.length) model = list.data[0].id;
+      if (list.data && list.data.length) {
+        model = list.data[0].id;
+        if (list.data[0].max_audio_seconds > 0) maxSeconds = list.data[0].max_audio_seconds;
+      }
       el.modelStatus.textContent = model ? `Model: ${model}` : "Model: the server lists none";
     } catch (err) { // the server names no model: send none (its error, if any, says what it wants)
       el.modelStatus.textContent = `Model: not listed (${err.message})`;
     }
+    el.maxSeconds.textContent = `up to ${maxSeconds} s`;
   }
 
   el.file.addEventListener("change", onFile);
