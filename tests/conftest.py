@@ -115,21 +115,27 @@ def ray_local(gcs):
 
 @pytest.fixture(scope="session")
 def converted_models(tmp_path_factory) -> Path:
-    """The one directory, laid out like models/, that this session converts the packaged models into: each model
-    is converted (convert.ensure_model) by the first test that needs it, tests/test_convert.py or `real_models`,
-    and found up to date by the rest. Treat what is in it as read-only."""
-    return tmp_path_factory.mktemp("converted") / "models"
+    """The one directory, laid out like models/, that this run converts the packaged models into: each model
+    is converted (convert.ensure_model, under `conversion_lock`) by the first test that needs it,
+    tests/test_convert.py or `real_models`, and found up to date by the rest. The run's xdist workers share it (the
+    parent of their own temporary directories), so each model is converted once per run. Treat it as read-only."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / "converted" / "models"
 
 
 @pytest.fixture(scope="session")
 def real_models(converted_models) -> Path:
     """Whisper tiny.en and SmolLM2-135M-Instruct converted from their PyPI packages (scripts/setup.sh installs
     them), once per session, into a directory laid out like models/."""
+    from helpers import conversion_lock
+
     from pipeline import convert
 
     out = converted_models
     try:
-        convert.ensure_models(out, ["whisper-tiny.en", "smollm2-135m-instruct"])
+        with conversion_lock(out):
+            convert.ensure_models(out, ["whisper-tiny.en", "smollm2-135m-instruct"])
     except convert.MissingPackageError as exc:
         pytest.skip(str(exc))
     return out

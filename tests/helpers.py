@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,3 +54,14 @@ def read_metrics(out: Path) -> list[dict]:
     """Every line of a local run's logs/metrics.jsonl, re-run steps included (pipeline.report.read_metrics keeps
     only the last record of each step: what a resumed run re-ran is what the resume tests look at)."""
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def conversion_lock(models: Path) -> Iterator[None]:
+    """Held while converting into conftest's `converted_models`: another worker waits, then finds the model up to
+    date, rather than converting it again and replacing the directory under its readers."""
+    from filelock import FileLock
+
+    models.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(models.parent / "convert.lock")):
+        yield

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import conversion_lock
 
 from pipeline import convert
 from pipeline.convert import ChecksumError, ConvertError, FormatError, MissingPackageError
@@ -60,7 +61,8 @@ def models(converted_models):
 
     def get(name: str) -> convert.Converted:
         if name not in done:
-            done[name] = convert.ensure_model(name, output, _inputs(name))
+            with conversion_lock(output):
+                done[name] = convert.ensure_model(name, output, _inputs(name))
         return done[name]
 
     return get
