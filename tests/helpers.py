@@ -30,10 +30,11 @@ def write_checkpoint(directory: Path, model, cfg, step: int, optimizer=None) -> 
     return directory
 
 
-def nudged_run(run: Path) -> Path:
+def nudged_run(run: Path, *overrides: str) -> Path:
     """A training run's output as Ray Train lays it out (<run>/train/checkpoint_<date>/, step 3): the tiny student
-    with its trainable weights nudged off their initialisation, so that it answers with several tokens."""
-    cfg = load_config("tiny")
+    (with `overrides` to its config) with its trainable weights nudged off their initialisation, so that it answers
+    with several tokens."""
+    cfg = load_config("tiny", list(overrides))
     model = build_student(cfg)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():

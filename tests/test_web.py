@@ -30,13 +30,15 @@ CLIPS = ROOT / "tests" / "fixtures" / "commonvoice" / "clips"
 CLIP = CLIPS / "common_voice_en_18327603.mp3"
 LONG_CLIP = CLIPS / "common_voice_en_39243377.mp3"  # 33.2 s: the server refuses it
 INSTRUCTION = "Reply briefly, like a pirate."
+RECORD_LIMIT = 4  # s: the served model's max_audio_seconds (its window is 30 s); CLIP is 2.9 s
 MAX_TOKENS = 32  # the page's "Max tokens" field and the direct request's max_tokens: short answers, quick tests
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny export whose trainable weights are nudged off their initialisation (answers of several tokens)."""
-    run = nudged_run(tmp_path_factory.mktemp("web-run"))
+    """A tiny export whose trainable weights are nudged off their initialisation (answers of several tokens), trained
+    on clips of up to RECORD_LIMIT s: the longest it answers, where the page's recorder stops."""
+    run = nudged_run(tmp_path_factory.mktemp("web-run"), f"prepare.max_duration_s={RECORD_LIMIT}")
     return Path(export_checkpoint(str(run), str(tmp_path_factory.mktemp("web-export") / "model")))
 
 
@@ -149,22 +151,24 @@ def page_wav(browser) -> bytes:
 
 
 @pytest.mark.slow
-def test_a_recording_is_sent_as_16_khz_wav_and_answered(server, client, model_name, browser):
-    """Chromium's fake microphone (a beep): Record, Stop, Ask; the WAV the page made is a 16 kHz mono 16-bit
-    file, and the page's answer is the endpoint's answer to that very file."""
+def test_a_recording_stops_at_the_model_s_limit_and_is_sent_as_16_khz_wav(server, client, model_name, browser):
+    """Chromium's fake microphone (a beep): Record, and the page stops by itself at the served model's
+    `max_audio_seconds` (RECORD_LIMIT, which GET /v1/models gives and the page states), then Ask. The WAV the page
+    made is a 16 kHz mono 16-bit file no longer than the limit (the recorder stops at its first tick past it, and the
+    page cuts that off), and the page's answer is the endpoint's answer to that very file."""
+    assert client.models.list().data[0].model_extra["max_audio_seconds"] == RECORD_LIMIT
     browser.open(f"{server}/")
     browser.evaluate(f"document.getElementById('max-tokens').value = '{MAX_TOKENS}'")
     browser.click("#record")
     browser.wait_until("'recording' in document.getElementById('record').dataset")
-    browser.wait_until("/Recording… [3-9]/.test(document.getElementById('record-status').textContent)", 30)
-    longest = client.models.list().data[0].model_extra["max_audio_seconds"]  # the server's limit, shown and kept
-    assert browser.evaluate("document.getElementById('max-seconds').textContent") == f"up to {longest:g} s"
+    browser.wait_until("/Recording… [1-3] s/.test(document.getElementById('record-status').textContent)", 30)
+    assert browser.evaluate("document.getElementById('max-seconds').textContent") == f"up to {RECORD_LIMIT} s"
     assert browser.evaluate("document.getElementById('record-status').textContent").endswith(
-        f"(stops at {longest:g} s)")
-    browser.click("#record")
-    browser.wait_until("!document.getElementById('ask').disabled", 30)
+        f"(stops at {RECORD_LIMIT} s)")
+    browser.wait_until("!document.getElementById('ask').disabled", 30)  # not pressed again: it stopped itself
+    assert "recording" not in browser.evaluate("Object.keys(document.getElementById('record').dataset)")
     wav = page_wav(browser)
-    assert 1.0 < sf.info(io.BytesIO(wav)).duration < 30
+    assert RECORD_LIMIT - 1 < sf.info(io.BytesIO(wav)).duration <= RECORD_LIMIT
     browser.click("#ask")
     browser.wait_until("document.getElementById('answer').dataset.state !== 'idle'")
     assert browser.wait_answer(120) == "done"

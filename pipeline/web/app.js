@@ -44,21 +44,22 @@
   }
 
   /** Any audio the browser decodes -> 16 kHz mono WAV (decodeAudioData resamples to the context's rate; rendering
-   *  into a one-channel destination down-mixes). */
-  async function toWav(blob) {
+   *  into a one-channel destination down-mixes), at most `limit` seconds of it (rendering stops at the context's
+   *  length). */
+  async function toWav(blob, limit = Infinity) {
     let decoded;
     try {
       decoded = await new OfflineAudioContext(1, 1, RATE).decodeAudioData(await blob.arrayBuffer());
     } catch {
       throw new Error("this browser cannot decode the audio; use a WAV, MP3 or FLAC file");
     }
-    const ctx = new OfflineAudioContext(1, Math.max(1, decoded.length), RATE);
+    const ctx = new OfflineAudioContext(1, Math.max(1, Math.min(decoded.length, Math.floor(limit * RATE))), RATE);
     const source = ctx.createBufferSource();
     source.buffer = decoded;
     source.connect(ctx.destination);
     source.start();
     const mono = await ctx.startRendering();
-    return { blob: encodeWav(mono.getChannelData(0), RATE), seconds: decoded.duration };
+    return { blob: encodeWav(mono.getChannelData(0), RATE), seconds: mono.duration };
   }
 
   /** "wav" | "mp3" | "flac" when the endpoint reads the file as it is, else null. */
@@ -132,7 +133,9 @@
       delete el.record.dataset.recording;
       el.recordStatus.textContent = "Converting the recording to WAV…";
       try {
-        const wav = await toWav(new Blob(chunks, { type: chunks[0] ? chunks[0].type : "audio/webm" }));
+        // The recorder stops at the first tick past the limit, a fraction of a second over: cut that off, or the
+        // server would refuse the clip as too long.
+        const wav = await toWav(new Blob(chunks, { type: chunks[0] ? chunks[0].type : "audio/webm" }), maxSeconds);
         el.file.value = "";
         setClip(wav.blob, "wav", `recording (${wav.seconds.toFixed(1)} s)`);
         el.recordStatus.textContent = "Recorded.";
