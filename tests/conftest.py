@@ -23,8 +23,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # The suite runs on 2 pytest-xdist workers, one test module per worker at a time (scripts/test.sh: -n 2 --dist
-# loadfile), which hand modules out in collection order. These modules hold most of the suite's time (`--durations`,
-# 2026-12-05: 500 of 835 s serially), so they start first and neither worker is left running one alone at the end.
+# loadfile). xdist hands modules out in collection order: a first batch round-robin, then one to whichever worker is
+# free. These modules hold most of the suite's time (`--durations`, 2026-12-05: 500 of 835 s serially), so they go
+# out first and are less likely to leave one worker running alone at the end.
 LONGEST_FIRST = ("test_train.py", "test_resume.py", "test_small.py", "test_ray_submit.py", "test_jobs_side_by_side.py",
                  "test_local.py", "test_evaluate.py", "test_prepare.py")
 
