@@ -110,13 +110,23 @@ def decode(source: str | bytes | os.PathLike, sampling_rate: int = 16000) -> Dec
 @functools.lru_cache(maxsize=4)
 def mel_filters(cfg: FeatureConfig) -> torch.Tensor:
     """Slaney-scale, Slaney-normalised filters over 0-8 kHz: Whisper's own (it ships librosa's)."""
+    return sparse_filters(mel_filter_bank(cfg))
+
+
+def mel_filter_bank(cfg: FeatureConfig) -> np.ndarray:
+    """The dense filter bank [n_mels, n_fft / 2 + 1] (float32): what a driver ships to its workers, which make
+    it sparse with `sparse_filters` (an unpickled sparse tensor warns "in beta" once in every worker's log)."""
     fb = librosa.filters.mel(sr=cfg.sampling_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels,
                              fmin=0.0, fmax=8000.0, htk=False, norm="slaney")
+    return fb.astype(np.float32)
+
+
+def sparse_filters(bank: np.ndarray) -> torch.Tensor:
     # Each filter is a triangle over a few bins (394 of 25728 entries are nonzero): a sparse
     # product does the same multiply-adds as the dense one without the 98% that are zeros.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.from_numpy(fb.astype(np.float32)).to_sparse_csr()
+        return torch.from_numpy(bank).to_sparse_csr()
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,7 +147,7 @@ def audio_frames(num_samples: int, cfg: FeatureConfig) -> int:
 def log_mel(audio: np.ndarray, cfg: FeatureConfig, filters: torch.Tensor | None = None) -> LogMel:
     """Whisper log-Mel of the frames that hold audio; audio past 30 s is cut, as Whisper does.
 
-    `filters` (from `mel_filters`) may be passed in so that workers need not import librosa.
+    `filters` (from `mel_filters` or `sparse_filters`) may be passed in so that workers need not import librosa.
     """
     filters = mel_filters(cfg) if filters is None else filters
     audio = audio[: cfg.n_samples]

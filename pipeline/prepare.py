@@ -214,9 +214,10 @@ def run_prepare(cfg: Config, input_url: str, output_url: str, *, overwrite: bool
         blocks = [todo_table.slice(i, per_block) for i in range(0, len(todo), per_block)]
         clips_url, audio_column = src.audio_root, src.options.get("audio_column")
         fcfg = cfg.features
-        filters = features.mel_filters(fcfg)  # shipped with the tasks: workers never import librosa
+        bank = features.mel_filter_bank(fcfg)  # shipped with the tasks: workers never import librosa
 
         def featurize(batch: pa.Table) -> pa.Table:
+            filters = features.sparse_filters(bank)
             return featurize_rows(batch.to_pylist(), clips_url, fcfg, pcfg, filters, audio_column)
 
         sink = cache.split_sink(output_url, plan["run_id"], pcfg.rows_per_file, MELS_DIR, MELS_SCHEMA,
