@@ -197,6 +197,17 @@ def load_llm(
     return _frozen(model.to(device))
 
 
+def load_whisper_tokenizer(id_or_dir: str | os.PathLike[str]) -> Any:
+    """A Whisper checkpoint's own tokenizer (model.projection=vocabulary reads the LLM's tokens through it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(os.fspath(id_or_dir)))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model.projection=vocabulary needs the tokenizer of the Whisper checkpoint {id_or_dir}: "
+                         f"{exc}") from exc
+
+
 def load_tokenizer(tcfg: Any):
     """The LLM's tokenizer: `teacher.tokenizer`, else the model's own."""
     from transformers import AutoTokenizer

@@ -142,6 +142,15 @@ class ModelConfig:
     # "default" (nn.Linear init) or "mean_embedding": bias = the LLM's mean token embedding, so the
     # virtual tokens start where text tokens live (the reference model's later version).
     projection_init: Literal["default", "mean_embedding"] = "default"
+    # How the Q-Former's outputs become the LLM's input vectors. "linear": the paper's learned d -> H map.
+    # "vocabulary" (beyond the paper, for small runs: docs/small.md): each query's state is scored against every
+    # LLM token through Whisper's own (tied) output head, reading an LLM token as Whisper's embedding of its text,
+    # and the virtual token is the softmax-weighted mix of the LLM's input embeddings. The copied decoder starts
+    # as the transcriber it was; the alignment term becomes the cross-entropy of those scores against the
+    # transcript's tokens (train.align_side; the slots the transcript does not fill, against the " " token).
+    # Needs a Whisper checkpoint with its tokenizer; nothing extra trains or is saved.
+    projection: Literal["linear", "vocabulary"] = "linear"
+    vocabulary_temperature: float = 1.0  # the softmax's temperature ("vocabulary" only)
     # Which parts train.
     trainable: list[TrainablePart] = field(default_factory=lambda: ["queries", "qformer", "projection"])
 
@@ -378,6 +387,11 @@ class Config:
             raise ConfigError(f"train.w_kl={self.train.w_kl} needs the teacher's top-k log-probs: set teacher.top_k "
                               "> 0 (and cache the targets with it)")
         self._check_positions()
+        if self.model.projection == "vocabulary" and self.model.whisper == "tiny":
+            raise ConfigError("model.projection=vocabulary reads the LLM's tokens through Whisper's tokenizer: the "
+                              "random model.whisper=tiny has none (name a Whisper checkpoint)")
+        if not self.model.vocabulary_temperature > 0:
+            raise ConfigError(f"model.vocabulary_temperature must be > 0, not {self.model.vocabulary_temperature}")
         if min(self.prepare.batch_size, self.prepare.rows_per_task, self.prepare.rows_per_file) < 1:
             raise ConfigError("prepare.batch_size, prepare.rows_per_task and prepare.rows_per_file must be >= 1")
         if self.prepare.max_duration_s > self.features.chunk_length_s:

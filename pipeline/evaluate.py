@@ -69,7 +69,7 @@ def distill_metrics(model: Any, input_features: torch.Tensor, target: torch.Tens
     `target` is h_teacher [B, H] as cached (`teacher.decode_target`); h_student comes from `DiVA.forward`."""
     head = model.llm.get_output_embeddings()
     with torch.inference_mode():
-        _, h_student = model(input_features.to(model.queries.device))
+        h_student = model(input_features.to(model.queries.device)).h_student
         h_s = h_student.float()
         h_t = target.to(device=h_s.device, dtype=torch.float32)
         student_logits = head(h_s.to(head.weight.dtype)).float()

@@ -6,7 +6,8 @@ of the released reference model (WillHeld/DiVA-llama-3-v0-8b, `modeling_diva.py`
 
     <out>/model.safetensors   query_tokens        [Q, d]
                               projection.weight   [d, H]  (in x out: the reference loads it with `.T`)
-                              projection.bias     [H]
+                              projection.bias     [H]     (neither with model.projection=vocabulary, whose
+                                                  head is derived from the two checkpoints at load)
                               connector.<name>    every WhisperDecoder state-dict entry (the Q-Former),
                                                   embed_tokens.weight included: the reference loads the
                                                   connector with a strict `load_state_dict`. It is the
@@ -48,12 +49,13 @@ from pipeline.builders import (
     load_llm,
     load_tokenizer,
     load_whisper,
+    load_whisper_tokenizer,
     student_whisper,
     tiny_llama,
     tiny_whisper,
 )
 from pipeline.config import Config, FeatureConfig, ModelConfig, PrepareConfig, from_dict
-from pipeline.model import TRAINABLE_PARTS, DiVA, build_student
+from pipeline.model import TRAINABLE_PARTS, DiVA, build_student, vocabulary_projection
 from pipeline.template import ChatTemplate, TemplateError, derive_template
 
 log = logging.getLogger(__name__)
@@ -146,9 +148,9 @@ def reference_weights(student: Mapping[str, torch.Tensor], decoder_state: Mappin
     """Our names (queries, qformer.*, projection.*) -> the reference's. `decoder_state` is the base
     Whisper decoder's state dict: it supplies the names the Q-Former must have, and the token
     table the Q-Former dropped."""
-    out = {"query_tokens": student["queries"],
-           "projection.weight": student["projection.weight"].t(),
-           "projection.bias": student["projection.bias"]}
+    out = {"query_tokens": student["queries"]}
+    if "projection.weight" in student:  # the paper's linear projection (model.projection=vocabulary has no weights)
+        out |= {"projection.weight": student["projection.weight"].t(), "projection.bias": student["projection.bias"]}
     for name, base in decoder_state.items():
         ours = student.get(f"qformer.{name}")
         if ours is None and name != "embed_tokens.weight":
@@ -165,7 +167,7 @@ def _student_state(weights: dict[str, torch.Tensor], cfg: Config, tokenizer: Any
     (the default); otherwise the untrained parts are the run's initialisation, so the student is
     rebuilt as training built it (seed = train.seed) and the checkpoint loaded into it."""
     present = {name.split(".", 1)[0] for name in weights}
-    if present >= set(TRAINABLE_PARTS):
+    if present >= set(TRAINABLE_PARTS) - ({"projection"} if cfg.model.projection == "vocabulary" else set()):
         return weights
     log.info("checkpoint trains only %s: rebuilding the student for the initial values of the rest",
              sorted(present))
@@ -182,7 +184,7 @@ def _source_spec(name: str, revision: str | None) -> tuple[str, str | None]:
 def export_config(cfg: Config, template: ChatTemplate, tokenizer: Any, weights: Mapping[str, torch.Tensor],
                   source: dict[str, Any]) -> dict[str, Any]:
     q, d = weights["query_tokens"].shape
-    h = weights["projection.bias"].shape[0]
+    h = weights["projection.bias"].shape[0] if "projection.bias" in weights else None  # None: the LLM's width
     whisper, whisper_rev = _source_spec(cfg.model.whisper, cfg.model.whisper_revision)
     llm, llm_rev = _source_spec(cfg.teacher.model, cfg.teacher.revision)
     tiny_w = ({"seed": cfg.model.tiny_whisper_seed, "n_mels": cfg.features.n_mels, "config": dict(TINY_WHISPER)}
@@ -201,7 +203,9 @@ def export_config(cfg: Config, template: ChatTemplate, tokenizer: Any, weights: 
         "llm": {"name": llm, "revision": llm_rev, "dtype": cfg.teacher.dtype, "tiny": tiny_l},
         "num_queries": int(q),
         "d": int(d),
-        "H": int(h),
+        "H": None if h is None else int(h),
+        # "linear": the paper's (projection.* weights); "vocabulary": rebuilt from the two checkpoints at load.
+        "projection": {"kind": cfg.model.projection, "temperature": cfg.model.vocabulary_temperature},
         "weights": {"file": WEIGHTS, "dtype": "float32", "projection_weight": "[d, H] (in x out)"},
         "template": {
             "prefix_ids": list(template.prefix_ids),
@@ -371,15 +375,26 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     _check_weights(path, config, state)
     base = _base_whisper(config, whisper, dtype, device)
     lm = _base_llm(path, config, llm, len(tokenizer), dtype, device)
-    mcfg = ModelConfig(whisper=config["whisper"]["name"], num_queries=config["num_queries"], trainable=[])
-    model = DiVA(base, lm, template, mcfg)
-    if model.hidden_size != config["H"] or model.queries.shape[1] != config["d"]:
+    kind = config.get("projection", {"kind": "linear", "temperature": 1.0})
+    mcfg = ModelConfig(whisper=config["whisper"]["name"], num_queries=config["num_queries"], trainable=[],
+                       projection=kind["kind"], vocabulary_temperature=kind["temperature"])
+    vocabulary = None
+    if kind["kind"] == "vocabulary":
+        try:
+            vocabulary = vocabulary_projection(base, load_whisper_tokenizer(whisper or config["whisper"]["name"]),
+                                               tokenizer, lm.get_input_embeddings().weight.shape[0],
+                                               kind["temperature"])
+        except ValueError as exc:
+            raise ModelDirError(f"{path}: {exc}") from exc
+    model = DiVA(base, lm, template, mcfg, vocabulary=vocabulary)
+    if model.hidden_size != (config["H"] or model.hidden_size) or model.queries.shape[1] != config["d"]:
         raise ModelDirError(f"{path}: the weights are for d={config['d']}, H={config['H']}; the base models "
                             f"have d={model.queries.shape[1]}, H={model.hidden_size}")
     with torch.no_grad():
         model.queries.copy_(state["query_tokens"])
-        model.projection.weight.copy_(state["projection.weight"].t())
-        model.projection.bias.copy_(state["projection.bias"])
+        if vocabulary is None:
+            model.projection.weight.copy_(state["projection.weight"].t())
+            model.projection.bias.copy_(state["projection.bias"])
         connector = {k[len(CONNECTOR):]: v for k, v in state.items()
                      if k.startswith(CONNECTOR) and k != CONNECTOR + "embed_tokens.weight"}
         try:
@@ -439,7 +454,9 @@ def _base_llm(path: str, config: Mapping[str, Any], override: str | None, vocab_
 
 def _check_weights(path: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     q, d, h = config["num_queries"], config["d"], config["H"]
-    expect = {"query_tokens": (q, d), "projection.weight": (d, h), "projection.bias": (h,)}
+    expect = {"query_tokens": (q, d)}
+    if config.get("projection", {}).get("kind", "linear") == "linear":
+        expect |= {"projection.weight": (d, h), "projection.bias": (h,)}
     for name, shape in expect.items():
         if name not in state:
             raise ModelDirError(f"{path}/{WEIGHTS}: {name} is missing")

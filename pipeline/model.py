@@ -5,6 +5,8 @@
       -> encoder (frozen, no grad)                              A       [B, 1500, d]
       -> qformer(inputs_embeds=queries, cross-attends to A)             [B, Q, d]
       -> projection d -> H                                      t_audio [B, Q, H]  ("virtual tokens")
+         (model.projection=vocabulary, beyond the paper: softmax over the LLM's vocabulary through Whisper's
+          output head [B, Q, V], then the mix of the LLM's input embeddings; `VocabularyProjection`)
       -> llm.base_model(embed(prefix) ++ t_audio ++ embed(suffix))[:, -1]   h_student [B, H]
 
 The Q-Former starts as the pretrained Whisper decoder, all weights copied (the paper's key
@@ -28,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperForConditionalGeneration, WhisperModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pipeline.builders import load_teacher_model, load_tokenizer, student_whisper
+from pipeline.builders import load_teacher_model, load_tokenizer, load_whisper_tokenizer, student_whisper
 from pipeline.config import Config, ModelConfig, TrainablePart
 from pipeline.template import ChatTemplate, derive_template
 
@@ -46,6 +48,7 @@ class DiVA(nn.Module):
         cfg: ModelConfig,
         *,
         seed: int = 0,
+        vocabulary: VocabularyProjection | None = None,
     ):
         super().__init__()
         whisper_base = whisper.base_model  # WhisperModel, whether given that or WhisperForConditionalGeneration
@@ -76,7 +79,10 @@ class DiVA(nn.Module):
             if cfg.projection_init == "mean_embedding":
                 _init_at_mean_embedding(projection, embeddings.weight)
         self.queries = nn.Parameter(queries.to(**like))
-        self.projection = projection.to(**like)
+        if (cfg.projection == "vocabulary") != (vocabulary is not None):
+            raise ValueError(f"model.projection={cfg.projection} needs a VocabularyProjection exactly when "
+                             "'vocabulary' (build_student makes it)")
+        self.projection = (vocabulary if vocabulary is not None else projection).to(**like)
 
         ids = {"dtype": torch.long, "device": embeddings.weight.device}
         self.register_buffer("prefix_ids", torch.tensor(template.prefix_ids, **ids), persistent=False)
@@ -165,6 +171,10 @@ class DiVA(nn.Module):
 
     def project(self, audio: torch.Tensor) -> torch.Tensor:
         """t_audio from the encoder's output A [B, frames / 2, d]: the Q-Former and the projection (what trains)."""
+        return self.slots(audio)[0]
+
+    def slots(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(t_audio [B, Q, H], the vocabulary projection's scores [B, Q, V] or None for the paper's linear one)."""
         # Expand the queries to the batch: Whisper's cross-attention views keys/values with the
         # *query's* batch size, so one unexpanded query set against B encoder outputs would silently
         # attend over all B clips at once.
@@ -173,7 +183,10 @@ class DiVA(nn.Module):
         # use_cache=False: the config's default would build a KV cache on every training step.
         hidden = self.qformer(inputs_embeds=queries, encoder_hidden_states=audio.to(queries.dtype),
                               use_cache=False).last_hidden_state
-        return self.projection(hidden)
+        if not isinstance(self.projection, VocabularyProjection):
+            return self.projection(hidden), None
+        scores = self.projection.scores(hidden)
+        return self.projection.mix(scores, self.llm.get_input_embeddings().weight), scores
 
     def student_inputs(self, virtual: torch.Tensor) -> torch.Tensor:
         """embed(prefix) ++ virtual ++ embed(suffix): [B, len(prefix) + Q + len(suffix), H] in the LLM's dtype."""
@@ -204,11 +217,67 @@ class DiVA(nn.Module):
         return self.llm.get_input_embeddings()(token_ids)
 
     def forward(self, input_features: torch.Tensor, keys: torch.Tensor | None = None, llm: bool = True,
-                response_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(t_audio [B, Q, H], h_student [B, H], or [B, P, H] given `response_ids`): what the alignment and
-        distillation losses need. llm=False skips the LLM pass (h_student None), for the alignment loss alone."""
-        virtual = self.virtual_tokens(input_features, keys)
-        return virtual, self.student_hidden(virtual, response_ids) if llm else None
+                response_ids: torch.Tensor | None = None) -> StudentOutput:
+        """What the alignment and distillation losses need. llm=False skips the LLM pass (h_student None), for
+        the alignment loss alone."""
+        virtual, scores = self.slots(self.encode(input_features, keys))
+        return StudentOutput(virtual, self.student_hidden(virtual, response_ids) if llm else None, scores)
+
+
+class StudentOutput(typing.NamedTuple):
+    virtual: torch.Tensor  # t_audio [B, Q, H]
+    h_student: torch.Tensor | None  # [B, H], or [B, P, H] given response_ids; None without the LLM pass
+    scores: torch.Tensor | None  # the vocabulary projection's [B, Q, V]; None for the linear one
+
+
+class VocabularyProjection(nn.Module):
+    """model.projection=vocabulary (beyond the paper, docs/small.md): Q-Former state h -> softmax(h W^T + b) E.
+
+    W [V, d] reads each LLM token as Whisper reads its text (the mean of Whisper's token embeddings over its
+    tokenization of it), so h W^T is Whisper's own output head (tied to those embeddings) scoring the LLM's
+    vocabulary; the " " token (`filler_id`, what the slots after a transcript learn) reads as Whisper's
+    end-of-text. b is -inf on the LLM's special tokens. E is the LLM's input embedding table: every virtual
+    token is a mix of the LLM's own embeddings. W and b are derived from the two checkpoints (never saved,
+    never trained), so the decoder copied into the Q-Former starts as the transcriber it was trained to be.
+    """
+
+    def __init__(self, head: torch.Tensor, bias: torch.Tensor, filler_id: int, temperature: float = 1.0):
+        super().__init__()
+        self.register_buffer("head", head, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.filler_id, self.temperature = int(filler_id), float(temperature)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, Q, d] -> [B, Q, V] float32 logits over the LLM's vocabulary."""
+        return (hidden @ self.head.T).float() + self.bias
+
+    def mix(self, scores: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[B, Q, V] scores -> [B, Q, H] virtual tokens in the table's dtype."""
+        return torch.softmax(scores / self.temperature, dim=-1).to(table.dtype) @ table
+
+
+@torch.no_grad()
+def vocabulary_projection(whisper: WhisperForConditionalGeneration | WhisperModel, whisper_tokenizer: typing.Any,
+                          llm_tokenizer: typing.Any, vocab_size: int, temperature: float = 1.0) -> VocabularyProjection:
+    """The `VocabularyProjection` of a Whisper checkpoint (its decoder's token embeddings and tokenizer) onto an
+    LLM's vocabulary of `vocab_size` rows (its embedding table's; ids past the tokenizer's are masked)."""
+    table = whisper.base_model.decoder.embed_tokens.weight.float().cpu()
+    filler = llm_tokenizer(" ", add_special_tokens=False)["input_ids"]
+    if len(filler) != 1:
+        raise ValueError(f"model.projection=vocabulary: the LLM's tokenizer makes \" \" {len(filler)} tokens, not one")
+    n = min(vocab_size, len(llm_tokenizer))
+    special = set(llm_tokenizer.all_special_ids) | set(getattr(llm_tokenizer, "added_tokens_decoder", {}))
+    texts = [llm_tokenizer.convert_tokens_to_string([t]) for t in llm_tokenizer.convert_ids_to_tokens(list(range(n)))]
+    pieces = whisper_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    owner = torch.tensor([u for u, ids in enumerate(pieces) if u not in special for _ in ids], dtype=torch.long)
+    flat = torch.tensor([i for u, ids in enumerate(pieces) if u not in special for i in ids], dtype=torch.long)
+    head = torch.zeros(vocab_size, table.shape[1]).index_add_(0, owner, table[flat])
+    counts = torch.zeros(vocab_size).index_add_(0, owner, torch.ones(len(owner)))
+    head /= counts.clamp(min=1)[:, None]
+    head[filler[0]] = table[whisper_tokenizer.eos_token_id]
+    counts[filler[0]] = 1
+    bias = torch.where(counts > 0, 0.0, float("-inf"))
+    return VocabularyProjection(head, bias, filler[0], temperature)
 
 
 @torch.no_grad()
@@ -243,7 +312,12 @@ def build_student(
     llm = load_teacher_model(tcfg, len(tokenizer))
     whisper = student_whisper(cfg.model, cfg.features.n_mels, dtype=llm.dtype, device=llm.device,
                               n_frames=cfg.features.n_frames)
-    return DiVA(whisper, llm, derive_template(tokenizer, tcfg.system_prompt), cfg.model, seed=seed)
+    vocabulary = None
+    if cfg.model.projection == "vocabulary":
+        vocabulary = vocabulary_projection(whisper, load_whisper_tokenizer(cfg.model.whisper), tokenizer,
+                                           llm.get_input_embeddings().weight.shape[0], cfg.model.vocabulary_temperature)
+    return DiVA(whisper, llm, derive_template(tokenizer, tcfg.system_prompt), cfg.model, seed=seed,
+                vocabulary=vocabulary)
 
 
 class EncoderCache:

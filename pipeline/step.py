@@ -66,9 +66,11 @@ def forward_loss(model: Any, batch: dict[str, torch.Tensor], loss_fn: DivaLoss) 
     """One micro-batch (pipeline.ingest.collate's tensors, on the model's device) -> its loss parts. The LLM
     runs only when a term needs it; without it `distill` is NaN (not computed, not logged). A batch with
     `response_ids` (train.distill_positions > 1) distils every position its `target_mask` marks."""
-    virtual, h_student = model(batch["input_features"], batch.get("clip_key"), llm=loss_fn.needs_llm,
-                               response_ids=batch.get("response_ids"))
+    virtual, h_student, scores = model(batch["input_features"], batch.get("clip_key"), llm=loss_fn.needs_llm,
+                                       response_ids=batch.get("response_ids"))
     extra = {"target_mask": batch["target_mask"]} if "target_mask" in batch else {}
+    if scores is not None:  # model.projection=vocabulary: the alignment term is a cross-entropy over tokens
+        extra |= {"scores": scores, "token_ids": batch["token_ids"], "filler_id": model.projection.filler_id}
     if loss_fn.w_kl > 0:  # the top-k KL term needs the student's logits at the first response position
         first = h_student[:, 0] if h_student.dim() == 3 else h_student
         extra |= {"student_logits": model.llm.get_output_embeddings()(first),

@@ -142,7 +142,7 @@ def test_kv_cache_generation_equals_full_recomputation(loaded, features):
     tokens = list(generate(model, tokenizer, features, max_new_tokens=10))
     embed = model.llm.get_input_embeddings()
     with torch.no_grad():
-        virtual, h = model(features)
+        virtual, h, _ = model(features)
         assert int(model.llm.get_output_embeddings()(h).argmax()) == tokens[0]
         prompt = model.student_inputs(virtual)
         torch.testing.assert_close(prompt, llm_inputs(model, model.template, features), rtol=0, atol=0)

@@ -147,7 +147,7 @@ def test_an_optimizer_step_moves_only_the_trainable_weights(make, whisper):
     encoder, llm, decoder = snapshot(model.encoder), snapshot(model.llm), snapshot(whisper.model.decoder)
     trainable = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
     optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-3, weight_decay=0.1)
-    _, h = model(features(2))
+    h = model(features(2)).h_student
     h.mean().backward()
     optimizer.step()
     assert_bit_identical(model.encoder, encoder)
@@ -159,7 +159,7 @@ def test_an_optimizer_step_moves_only_the_trainable_weights(make, whisper):
 
 def test_gradients_reach_queries_and_qformer_but_not_frozen_parts(make):
     model = make()
-    _, h = model(features(2))
+    h = model(features(2)).h_student
     h.mean().backward()
     assert model.queries.grad is not None and model.queries.grad.abs().sum() > 0
     for name, p in model.qformer.named_parameters():
@@ -171,7 +171,7 @@ def test_gradients_reach_queries_and_qformer_but_not_frozen_parts(make):
 
 def test_gradients_reach_the_queries_through_a_frozen_qformer(make):
     model = make(trainable=["queries"])
-    _, h = model(features(1))
+    h = model(features(1)).h_student
     h.mean().backward()
     assert model.queries.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.qformer.parameters())
@@ -241,8 +241,8 @@ def test_shapes_are_static_and_examples_independent(make, batch):
     model = make()
     x = features(batch, seed=batch)
     with torch.no_grad():
-        virtual, h = model(x)
-        alone = [model(x[i : i + 1]) for i in range(batch)]
+        virtual, h, _ = model(x)
+        alone = [model(x[i : i + 1])[:2] for i in range(batch)]
     assert virtual.shape == (batch, 448, model.hidden_size) and h.shape == (batch, model.hidden_size)
     assert model.student_inputs(virtual).shape == (batch, 458, model.hidden_size)
     for i, (v, hi) in enumerate(alone):
@@ -271,7 +271,7 @@ def test_activation_checkpointing_recomputes_the_llm_layers_with_the_same_gradie
         model.train()
         seen: list[None] = []
         model.llm.model.layers[0].self_attn.register_forward_hook(lambda *args, seen=seen: seen.append(None))
-        _, h = model(x)
+        h = model(x).h_student
         h.mean().backward()
         grads.append({k: p.grad for k, p in model.trainable_parameters().items()})
         calls.append(len(seen))
@@ -306,7 +306,7 @@ def test_float32_trainable_parts_drive_a_bfloat16_llm(tokenizer, template):
     """Mixed precision: the trained parts keep float32 weights while the frozen LLM runs in bf16."""
     llm = tiny_llama(len(tokenizer), seed=0, dtype=torch.bfloat16)
     model = DiVA(tiny_whisper(0), llm, template, ModelConfig(whisper="tiny", projection_init="mean_embedding"))
-    virtual, h = model(features(1))
+    virtual, h, _ = model(features(1))
     assert virtual.dtype == torch.float32 and h.dtype == torch.bfloat16
     h.float().mean().backward()
     assert model.queries.grad.dtype == torch.float32 and model.queries.grad.abs().sum() > 0

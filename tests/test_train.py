@@ -232,7 +232,7 @@ def test_overfits_sixteen_clips(ray_local, sixteen, tmp_path):
 
     def fit() -> tuple[float, float]:
         with torch.no_grad():
-            h_student = student(features)[1]
+            h_student = student(features).h_student
         agree = (first_tokens(student, h_student) == teacher_tokens).float().mean().item()
         return distillation_loss(h_student, h_teacher).mean().item(), agree
 
@@ -260,7 +260,7 @@ def test_the_checkpointed_optimizer_state_is_torch_distributed_s_by_name(tmp_pat
     model = build_student(cfg, seed=0)
     optimizer = make_optimizer(model.trainable_parameters(), cfg.train)
     assert len(optimizer.param_groups) > 1  # decay and no-decay groups: positions are not the names' order
-    _, h = model(torch.randn(1, 128, 3000))
+    h = model(torch.randn(1, 128, 3000)).h_student
     h.pow(2).mean().backward()
     optimizer.step()
     PlainBackend(cfg.train).save(str(tmp_path), model, optimizer, TrainState(step=1), cfg.to_dict())
