@@ -47,7 +47,7 @@ from pipeline import PipelineError
 from pipeline import commonvoice as cv
 from pipeline import sentences as text
 
-VERSION = 1  # bump when rendering or planning changes what a given seed produces
+VERSION = 2  # bump when rendering or planning changes what a given seed produces
 SAMPLE_RATE = 32000
 HIBARI_RATE, ESPEAK_RATE = 24000, 22050
 MP3_QUALITY = 0.75  # libsndfile compression level: ~40-60 kbit/s VBR, small but clean
@@ -253,8 +253,9 @@ def make_clip(rng: random.Random, number: int, voice: Voice, sentence: Sentence,
 
 def plan_corpus(seed: int, clips: int, questions: int | None = None) -> list[Clip]:
     """The whole corpus, deterministic in its arguments: `clips` release clips over train/dev/test
-    plus two clips (a hibari and an espeak-ng voice) for each of the first `questions` held-out
-    questions (all of them by default); `questions` changes nothing but questions.tsv."""
+    plus two clips (a hibari and an espeak-ng voice) for each of `questions` held-out questions spread
+    evenly over the list (all of them by default; the list runs by topic, so its first few would all be
+    capitals); `questions` changes nothing but questions.tsv."""
     all_questions = eval_questions()
     questions = len(all_questions) if questions is None else questions
     if clips < 1 or not 0 <= questions <= len(all_questions):
@@ -276,12 +277,17 @@ def plan_corpus(seed: int, clips: int, questions: int | None = None) -> list[Cli
         for _ in range(repeats):
             out.append(make_clip(rng, numbers[k], voices[k], sentence, sentence_split(i, len(sentences))))
             k += 1
-    for q in all_questions[:questions]:
+    for q in spread(all_questions, questions):
         asked = Sentence(q, text.QUESTION, "evaluation")
         for pool in (HIBARI_VOICES, ESPEAK_VOICES):
             out.append(make_clip(rng, numbers[k], rng.choice(pool), asked, QUESTIONS_SPLIT))
             k += 1
     return out
+
+
+def spread(items: list[str], count: int) -> list[str]:
+    """`count` of `items` at evenly spaced positions, in order (all of them when count == len(items))."""
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def tsv_files(plan: list[Clip]) -> dict[str, str]:
