@@ -96,3 +96,6 @@ def test_prepare_alongside_training_leaves_both_logs_clean(corpus, prepared_mels
         # One "Failed to query ..." is the State API timing out on a saturated machine (its server gives up after
         # 6.4 s); the same line every second was the State API asking a port where no server listens.
         assert not repeated_alarms(log), f"{log.name}: {repeated_alarms(log)}"
+    # Each prepare worker once logged torch's "Sparse CSR tensor support is in beta" on unpickling the sparse
+    # filter bank it was sent; it is now sent dense and made sparse in the worker.
+    assert "UserWarning" not in prepare_log.read_text(errors="replace"), prepare_log.read_text()[-3000:]
