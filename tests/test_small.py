@@ -24,8 +24,9 @@ def overrides(models: Path, *more: str) -> list[str]:
     return [f"model.whisper={models / 'whisper-tiny.en'}", f"teacher.model={models / 'smollm2-135m-instruct'}", *more]
 
 
-def small(models: Path, *more: str):
-    return load_config("small", overrides(models, *more))
+def demo(models: Path, *more: str):
+    """`make demo`'s configuration: the small models through the vocabulary projection (docs/small.md)."""
+    return load_config("demo", overrides(models, *more))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, t
     from pipeline.teacher import run_teacher
     from pipeline.train import run_training
 
-    cfg = small(real_models, "train.steps=4", "train.align_only_steps=2", "train.log_every=1",
+    cfg = demo(real_models, "train.steps=4", "train.align_only_steps=2", "train.log_every=1",
                 "train.checkpoint_every=4", "train.micro_batch_size=8", "train.global_batch_size=8")
     mels, teacher, run = str(tmp_path / "mels"), str(tmp_path / "teacher"), str(tmp_path / "run")
     assert run_prepare(cfg, str(spoken), mels)["counts"]["clips_by_split"]["questions"] == 6
@@ -98,10 +99,12 @@ def test_every_stage_runs_with_the_real_models(ray_local, real_models, spoken, t
     model, tok = load_model(model_dir)
     clip = next((spoken / "clips").glob("*.mp3"))
     reply = answer(model, tok, clip, max_new_tokens=12)
-    assert isinstance(reply, str) and reply.strip()
+    # Four steps through the vocabulary projection teach no words: the reply may be whitespace (these gave 12
+    # newlines), but it is the decoded text of the tokens generated, at least one of them.
+    assert isinstance(reply, str) and reply
     # The evaluation through its CLI, on this session's Ray: --baseline answers beside --model.
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate", "--config", "small", "--model", str(model_dir),
+        [sys.executable, "-m", "jobs.evaluate", "--config", "demo", "--model", str(model_dir),
          "--baseline", str(untrained), "--mels", mels, "--teacher", teacher, "--output", str(tmp_path / "eval"),
          *overrides(real_models, "eval.max_questions=2", "eval.max_new_tokens=12")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
