@@ -38,10 +38,14 @@ def run() -> int:
                                   llm=ecfg.llm)
     tokens = generate(model, tokenizer, features, prompt=args.prompt, max_new_tokens=ecfg.max_new_tokens,
                       temperature=args.temperature, seed=args.seed)
+    said = ""
     for piece in stream_text(tokenizer, tokens):
+        said += piece
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if not said.strip():  # an answer of nothing would otherwise be a blank line
+        print("ask: the model ended its turn without an answer", file=sys.stderr)
     return 0
 
 

@@ -126,8 +126,8 @@ def metric_rows(cfg: Any, got: dict[str, Any], trained: dict[str, Any]) -> list[
 
 
 def one_line(text: str) -> str:
-    """An answer as one line of the report's list (generated text may hold blank lines)."""
-    return " ".join(text.split())
+    """An answer as one line of the report's list (generated text may hold blank lines; an empty one says so)."""
+    return " ".join(text.split()) or "*(no answer: it ended its turn at once)*"
 
 
 def answers_section(answers: dict[str, Any], out: Path) -> str:
@@ -166,7 +166,8 @@ def run() -> int:
     parts = [f"# DiVA local run ({args.config} preset)", markdown_table(rows), "![loss](loss.png)"]
     if "answers" in got["evaluation"]:
         parts.append(answers_section(got["evaluation"]["answers"], out))
-    parts.append(f"**Spoken question** ({Path(audio).name}): {transcript}\n\n**Answer** (jobs.ask): {got['reply']}")
+    parts.append(f"**Spoken question** ({Path(audio).name}): {transcript}\n\n"
+                 f"**Answer** (jobs.ask): {one_line(got['reply'])}")
     report = "\n\n".join(parts) + "\n"
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({
