@@ -133,7 +133,12 @@ def main() -> None:
         ratio = last["left"][name] / max(last["right"][name], 1e-9)
         print(f"{name}: token accuracy after {args.steps} steps: right {last['right'][name]:.3f}, "
               f"left {last['left'][name]:.3f} (left / right {ratio:.2f}x)")
-    out = ROOT / "runs" / "bench" / "align_side.json"
+    save(logs, "align_side")
+
+
+def save(logs: dict, name: str) -> None:
+    """A probe's logs as runs/bench/<name>.json."""
+    out = ROOT / "runs" / "bench" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(logs, indent=1))
 
