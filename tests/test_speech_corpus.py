@@ -113,7 +113,8 @@ def test_release_is_what_the_pipeline_reads(release):
     assert all(sentences.values())
     assert sum(map(len, sentences.values())) == len(set().union(*sentences.values()))
     asked = tsv_rows(out / "questions.tsv")
-    assert len(asked) == 2 * QUESTIONS and {r["sentence"] for r in asked} == set(sc.spread(sc.eval_questions(), QUESTIONS))
+    assert len(asked) == 2 * QUESTIONS
+    assert {r["sentence"] for r in asked} == set(sc.spread(sc.eval_questions(), QUESTIONS))
 
     cfg = load_config("tiny")
     threads = torch.get_num_threads()
