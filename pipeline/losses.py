@@ -133,8 +133,8 @@ def token_alignment_loss(scores: torch.Tensor, token_ids: torch.Tensor, lengths:
                          filler_id: int) -> torch.Tensor:
     """Beyond the paper (model.projection=vocabulary): per-example cross-entropy of the slots' scores over the LLM's
     vocabulary [B, Q, V] against `slot_targets`, averaged over the Q slots, in float32 -> [B]. Eq. 1's L2 asks a
-    mix of embeddings to land on one; this asks the mix to put its weight on that token, which the Whisper head
-    the scores come from learns several times faster (docs/small.md)."""
+    mix of embeddings to land on one; this asks the mix to put its weight on that token: on the demo corpus 1.5x as
+    many held-out tokens right after 3,200 examples (benchmarks/bench_vocabulary.py, docs/small.md)."""
     targets = slot_targets(token_ids, lengths, scores.shape[1], side, filler_id)
     ce = torch.nn.functional.cross_entropy(scores.float().transpose(1, 2), targets, reduction="none")  # [B, Q]
     return ce.mean(dim=1)

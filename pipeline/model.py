@@ -72,17 +72,19 @@ class DiVA(nn.Module):
         embeddings = llm.get_input_embeddings()
         self.hidden_size = embeddings.embedding_dim
         like = {"device": decoder.layer_norm.weight.device, "dtype": decoder.layer_norm.weight.dtype}
-        with torch.random.fork_rng(devices=[]):  # seeded, on the CPU, whatever the device: reproducible
-            torch.manual_seed(seed)
-            queries = torch.randn(cfg.num_queries, d) * cfg.query_init_std
-            projection = nn.Linear(d, self.hidden_size)
-            if cfg.projection_init == "mean_embedding":
-                _init_at_mean_embedding(projection, embeddings.weight)
-        self.queries = nn.Parameter(queries.to(**like))
         if (cfg.projection == "vocabulary") != (vocabulary is not None):
             raise ValueError(f"model.projection={cfg.projection} needs a VocabularyProjection exactly when "
                              "'vocabulary' (build_student makes it)")
-        self.projection = (vocabulary if vocabulary is not None else projection).to(**like)
+        with torch.random.fork_rng(devices=[]):  # seeded, on the CPU, whatever the device: reproducible
+            torch.manual_seed(seed)
+            queries = torch.randn(cfg.num_queries, d) * cfg.query_init_std
+            projection = vocabulary
+            if projection is None:  # the paper's d -> H map (the vocabulary projection has nothing to initialise)
+                projection = nn.Linear(d, self.hidden_size)
+                if cfg.projection_init == "mean_embedding":
+                    _init_at_mean_embedding(projection, embeddings.weight)
+        self.queries = nn.Parameter(queries.to(**like))
+        self.projection = projection.to(**like)
 
         ids = {"dtype": torch.long, "device": embeddings.weight.device}
         self.register_buffer("prefix_ids", torch.tensor(template.prefix_ids, **ids), persistent=False)
