@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -32,6 +33,7 @@ from pipeline import cache
 ROOT = Path(__file__).resolve().parents[1]
 README_ADDRESS = "http://127.0.0.1:8265"
 STAGES = ["prepare", "cache_teacher", "train", "export"]
+NO_AGENT = "No available agent to submit job"  # Ray's job API, before the head's agent has registered
 
 
 def readme_commands() -> list[str]:
@@ -76,18 +78,31 @@ def own_processes(temp_dir: str) -> list[int]:
     return pids
 
 
-def wait_for_job_server(url: str, token: str, head: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+def answers(url: str, token: str) -> bool:
+    """Whether an HTTP server answers at url (any status: the agent has no route at /)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_job_server(url: str, agent_url: str, token: str, head: subprocess.Popen, log: Path,
+                        timeout_s: float = 180) -> None:
+    """Until the job API answers and so does the head's dashboard agent, which runs the jobs: the job API answers
+    first, and a submission made before the agent is up fails after 10 s with "No available agent to submit job"
+    (Ray's WAIT_AVAILABLE_AGENT_TIMEOUT), as one did on a loaded CI machine."""
     deadline = time.monotonic() + timeout_s
-    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
     while time.monotonic() < deadline:
         assert head.poll() is None, f"ray start exited ({head.returncode}):\n{log.read_text()[-4000:]}"
-        try:
-            with urllib.request.urlopen(request, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"no job server at {url} after {timeout_s} s:\n{log.read_text()[-4000:]}")
+        if answers(f"{url}/api/version", token) and answers(agent_url, token):
+            return
+        time.sleep(1)
+    pytest.fail(f"no job server at {url} with its agent at {agent_url} after {timeout_s} s:\n"
+                f"{log.read_text()[-4000:]}")
 
 
 def stop(head: subprocess.Popen, temp_dir: str) -> None:
@@ -136,7 +151,7 @@ def head() -> Iterator[tuple[str, dict[str, str], Path]]:
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        wait_for_job_server(url, token, proc, log)
+        wait_for_job_server(url, f"http://127.0.0.1:{agent}/", token, proc, log)
         yield url, env, Path(temp_dir)
     finally:
         stop(proc, temp_dir)
@@ -153,9 +168,13 @@ def submit(line: str, url: str, env: dict[str, str], out: Path) -> tuple[str, st
     """Run one README line in bash, as a user would (with $OUT set, the head's address in place of 8265);
     returns (submission id, its output), failing with the job's logs if it did not succeed."""
     command = line.replace(README_ADDRESS, url)
-    done = subprocess.run(["bash", "-c", command], env={**env, "OUT": str(out)}, cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
-    output = done.stdout + done.stderr
+    for _ in range(3):  # the agent registers a moment after it answers; Ray's message says to try again later
+        done = subprocess.run(["bash", "-c", command], env={**env, "OUT": str(out)}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=900)
+        output = done.stdout + done.stderr
+        if NO_AGENT not in output:
+            break
+        time.sleep(5)
     ids = re.findall(r"Job '(raysubmit_\w+)' submitted successfully", output)
     if done.returncode != 0 or not ids:
         logs = ray_job(url, env, "logs", ids[0]) if ids else "(no submission id)"
