@@ -83,8 +83,8 @@ def bare(cfg, data: list[dict], steps: int) -> dict[str, float]:
     for b in bs:
         model.encode(b["input_features"], b["clip_key"])
     out = {}
-    for name, loss in (("joint", DivaLoss(align_reduction=cfg.train.align_reduction)),
-                       ("align_only", DivaLoss(w_distill=0.0, align_reduction=cfg.train.align_reduction))):
+    joint = DivaLoss.from_config(cfg.train)  # the job's own objective
+    for name, loss in (("joint", joint), ("align_only", joint.alignment_only())):
         times = []
         for s in range(steps):
             t0 = time.perf_counter()
@@ -109,11 +109,9 @@ def split(cfg, data: list[dict], repeats: int = 3) -> dict[str, float]:
         return statistics.median(samples)
 
     audio = model.encode(b["input_features"])
-    queries = model.queries.unsqueeze(0).expand(audio.shape[0], -1, -1)
 
-    def qformer():
-        hidden = model.qformer(inputs_embeds=queries, encoder_hidden_states=audio, use_cache=False).last_hidden_state
-        model.projection(hidden).sum().backward()
+    def qformer():  # the Q-Former and the projection, whichever the preset names
+        model.project(audio).sum().backward()
 
     virtual = model.virtual_tokens(b["input_features"]).detach().requires_grad_(True)
     return {"encoder": timed(lambda: model.encode(b["input_features"])), "qformer": timed(qformer),

@@ -174,7 +174,7 @@ class Stepper:
         self.params = model.trainable_parameters()
         self.optimizer = make_optimizer(self.params, tcfg)
         self.clip, self.lr = tcfg.grad_clip, tcfg.lr
-        self.loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, align_reduction=tcfg.align_reduction)
+        self.loss_fn = DivaLoss.from_config(tcfg)
         self.width = model.seq_len  # len(prefix) + 448 + len(suffix)
         self.device = model.queries.device
         self.backend = PlainBackend(dataclasses.replace(tcfg, device=self.device.type))

@@ -17,8 +17,9 @@ whatever the input dtype: a bf16 difference of nearby hidden states loses most o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -216,6 +217,16 @@ class DivaLoss:
             raise ValueError(f"align_reduction must be 'sum' or 'token_mean', not {self.align_reduction!r}")
         if self.align_side not in ("right", "left"):
             raise ValueError(f"align_side must be 'right' or 'left', not {self.align_side!r}")
+
+    @classmethod
+    def from_config(cls, tcfg: Any) -> DivaLoss:
+        """The objective a `TrainConfig` names: the one the training job, the benchmarks and the tests build."""
+        return cls(w_distill=tcfg.w_distill, w_align=tcfg.w_align, w_kl=tcfg.w_kl, align_reduction=tcfg.align_reduction,
+                   position_decay=tcfg.position_decay, align_side=tcfg.align_side)
+
+    def alignment_only(self) -> DivaLoss:
+        """The alignment term alone (train.align_only_steps): no LLM pass."""
+        return dataclasses.replace(self, w_distill=0.0, w_kl=0.0, w_align=self.w_align or 1.0)
 
     @property
     def needs_llm(self) -> bool:

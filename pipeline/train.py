@@ -201,10 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = micro_batches(ray.train.get_dataset_shard("train"), collate, tcfg.micro_batch_size, state, world)
     if tcfg.cache_encoder:
         model.encoder_cache = EncoderCache(tcfg.encoder_cache_mb * 2**20)
-    loss_fn = DivaLoss(w_distill=tcfg.w_distill, w_align=tcfg.w_align, w_kl=tcfg.w_kl,
-                       align_reduction=tcfg.align_reduction, position_decay=tcfg.position_decay,
-                       align_side=tcfg.align_side)
-    align_only = dataclasses.replace(loss_fn, w_distill=0.0, w_kl=0.0, w_align=tcfg.w_align or 1.0)
+    loss_fn = DivaLoss.from_config(tcfg)
+    align_only = loss_fn.alignment_only()
     accum = accumulation(tcfg, world)
     # Rank 0 logs (pipeline/tracking.py); its trackers end with the run: finished, preempted or failed.
     tracker = tracking.open_tracker(cfg, config["output"], config["cfg"]) if rank == 0 else tracking.Tracker()

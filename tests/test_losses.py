@@ -294,6 +294,21 @@ def test_total_loss_rejects_bad_settings(kwargs):
         DivaLoss(**kwargs)
 
 
+def test_the_objective_is_the_one_the_config_names():
+    from pipeline.config import load_config
+
+    overrides = ["teacher.top_k=8", "train.w_kl=0.25", "train.w_align=0.5", "train.align_reduction=token_mean"]
+    small = load_config("small", overrides).train
+    loss = DivaLoss.from_config(small)
+    assert (loss.w_distill, loss.w_align, loss.w_kl, loss.align_reduction, loss.align_side) == (
+        1.0, 0.5, 0.25, "token_mean", "left")
+    align = loss.alignment_only()
+    parts = (align.w_distill, align.w_kl, align.w_align, align.align_side, align.needs_llm)
+    assert parts == (0.0, 0.0, 0.5, "left", False)
+    assert DivaLoss.from_config(load_config("paper").train) == DivaLoss()  # the paper's: Eq. 1 and 2, 1:1
+    assert DivaLoss(w_align=0.0).alignment_only().w_align == 1.0  # alignment alone keeps a term to train
+
+
 # --- optional top-k KL (beyond the paper) ---------------------------------------------------------------
 
 STUDENT_LOGITS = [[2.0, 0.5, -1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
