@@ -121,7 +121,7 @@ def probe_parser(doc: str, steps: int, eval_every: int) -> argparse.ArgumentPars
 def main() -> None:
     args = probe_parser(__doc__, steps=150, eval_every=75).parse_args()
     torch.manual_seed(0)
-    cfg = load_config("small")
+    cfg = load_config("small", ["model.projection=linear"])  # the paper's projection, as measured
     base = build_student(cfg, seed=0)
     train_data = encoded(base, cfg, args.mels, args.teacher, "train", args.clips)
     eval_sets = {"train": tuple(t[:64] for t in train_data),

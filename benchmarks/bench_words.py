@@ -175,7 +175,7 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=1.0)
     args = p.parse_args()
     torch.manual_seed(0)
-    cfg = load_config("small")
+    cfg = load_config("small", ["model.projection=linear"])  # the paper's projection, as measured
     base = build_student(cfg, seed=0)
     tokenizer = load_tokenizer(cfg.teacher)
     q = base.num_queries

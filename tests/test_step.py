@@ -81,7 +81,8 @@ def test_a_shorter_encoder_window_keeps_whisper_s_first_positions():
 def test_presets_extend_each_other_and_features_are_checked_against_the_whisper(tmp_path):
     demo, small = load_config("demo"), load_config("small")
     assert demo.model.whisper == small.model.whisper and demo.train.steps < small.train.steps
-    assert (demo.model.projection, small.model.projection, demo.features.n_mels) == ("vocabulary", "linear", 80)
+    assert (demo.model.projection, small.model.projection, demo.features.n_mels) == ("vocabulary", "vocabulary", 80)
+    assert load_config("paper").model.projection == "linear"  # the paper's own stays the paper's
     child = tmp_path / "child.yaml"
     child.write_text("extends: demo\ntrain:\n  lr: 2e-4\n")
     assert load_config(str(child)).train.lr == 2e-4 and load_config(str(child)).corpus == demo.corpus
