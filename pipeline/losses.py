@@ -237,7 +237,7 @@ class DivaLoss:
         self,
         h_student: torch.Tensor | None,
         h_teacher: torch.Tensor,
-        virtual: torch.Tensor,
+        virtual: torch.Tensor | None,
         text: torch.Tensor,
         lengths: torch.Tensor,
         *,
@@ -274,7 +274,8 @@ class DivaLoss:
             tokens = aligned_lengths(lengths.to(virtual.device), virtual.shape[1], text.shape[1]).sum()
             align = alignment_loss(virtual, text, lengths, self.align_side).sum() / tokens.clamp(min=1).float()
         terms = [(self.w_align, align)] + ([(self.w_distill, distill)] if distill is not None else [])
-        parts = {"align": align.detach(), "truncated": truncated_count(lengths, virtual.shape[1]).detach()}
+        slots = (scores if scores is not None else virtual).shape[1]
+        parts = {"align": align.detach(), "truncated": truncated_count(lengths, slots).detach()}
         if distill is not None:
             parts["distill"] = distill.detach()
         if self.w_kl > 0:

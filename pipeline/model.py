@@ -175,8 +175,10 @@ class DiVA(nn.Module):
         """t_audio from the encoder's output A [B, frames / 2, d]: the Q-Former and the projection (what trains)."""
         return self.slots(audio)[0]
 
-    def slots(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(t_audio [B, Q, H], the vocabulary projection's scores [B, Q, V] or None for the paper's linear one)."""
+    def slots(self, audio: torch.Tensor, mix: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(t_audio [B, Q, H], the vocabulary projection's scores [B, Q, V] or None for the paper's linear one).
+        mix=False leaves out the vocabulary projection's mix (t_audio None), which its alignment term does not read:
+        a [B, Q, V] x [V, H] product, a fifth of an alignment-only step (docs/small.md)."""
         # Expand the queries to the batch: Whisper's cross-attention views keys/values with the
         # *query's* batch size, so one unexpanded query set against B encoder outputs would silently
         # attend over all B clips at once.
@@ -188,7 +190,7 @@ class DiVA(nn.Module):
         if not isinstance(self.projection, VocabularyProjection):
             return self.projection(hidden), None
         scores = self.projection.scores(hidden)
-        return self.projection.mix(scores, self.llm.get_input_embeddings().weight), scores
+        return (self.projection.mix(scores, self.llm.get_input_embeddings().weight) if mix else None), scores
 
     def student_inputs(self, virtual: torch.Tensor) -> torch.Tensor:
         """embed(prefix) ++ virtual ++ embed(suffix): [B, len(prefix) + Q + len(suffix), H] in the LLM's dtype."""
@@ -221,13 +223,13 @@ class DiVA(nn.Module):
     def forward(self, input_features: torch.Tensor, keys: torch.Tensor | None = None, llm: bool = True,
                 response_ids: torch.Tensor | None = None) -> StudentOutput:
         """What the alignment and distillation losses need. llm=False skips the LLM pass (h_student None), for
-        the alignment loss alone."""
-        virtual, scores = self.slots(self.encode(input_features, keys))
+        the alignment loss alone, and then the vocabulary projection leaves out its mix (virtual None)."""
+        virtual, scores = self.slots(self.encode(input_features, keys), mix=llm)
         return StudentOutput(virtual, self.student_hidden(virtual, response_ids) if llm else None, scores)
 
 
 class StudentOutput(typing.NamedTuple):
-    virtual: torch.Tensor  # t_audio [B, Q, H]
+    virtual: torch.Tensor | None  # t_audio [B, Q, H]; None from the vocabulary projection without the LLM pass
     h_student: torch.Tensor | None  # [B, H], or [B, P, H] given response_ids; None without the LLM pass
     scores: torch.Tensor | None  # the vocabulary projection's [B, Q, V]; None for the linear one
 

@@ -75,11 +75,29 @@ def test_virtual_tokens_are_mixes_of_the_llm_s_embeddings(student):
 def test_forward_gives_the_scores_the_virtual_tokens_are_mixed_from(student):
     x = torch.randn(2, 80, 1000, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = student(x, llm=False)
+        out = student(x)
         table = student.llm.get_input_embeddings().weight
-        assert out.scores.shape == (2, student.num_queries, table.shape[0]) and out.h_student is None
+        assert out.scores.shape == (2, student.num_queries, table.shape[0]) and out.h_student.shape == (2, 576)
         torch.testing.assert_close(out.virtual, torch.softmax(out.scores, -1) @ table)
         torch.testing.assert_close(student.virtual_tokens(x), out.virtual)
+        # Without the LLM pass (alignment alone) the mix is left out: the same scores, no virtual tokens.
+        alone = student(x, llm=False)
+        assert alone.virtual is None and alone.h_student is None
+        torch.testing.assert_close(alone.scores, out.scores)
+
+
+def test_an_alignment_only_step_reads_only_the_scores(student):
+    from pipeline.step import forward_loss
+
+    x = torch.randn(2, 80, 1000, generator=torch.Generator().manual_seed(3))
+    ids, lengths = torch.tensor([[504, 314, 2114, 0], [28, 6306, 30, 2]]), torch.tensor([3, 4])
+    batch = {"input_features": x, "token_ids": ids, "lengths": lengths, "target": torch.zeros(2, 576)}
+    with torch.no_grad():
+        parts = forward_loss(student, batch, DivaLoss(w_distill=0.0, align_side="left"))
+        scores = student(x).scores
+    expected = token_alignment_loss(scores, ids, lengths, "left", student.projection.filler_id).mean()
+    torch.testing.assert_close(parts.align, expected)
+    assert parts.distill.isnan() and parts.truncated == 0
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
