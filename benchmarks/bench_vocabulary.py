@@ -46,7 +46,7 @@ KINDS = ("linear", "vocabulary")
 
 def alignment(model, loss: DivaLoss, audio: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The alignment term of a batch of encoder outputs, as the training step computes it."""
-    virtual, scores = model.slots(audio)
+    virtual, scores = model.slots(audio, mix=False)  # as an alignment-only step: the vocabulary mix is not read
     extra = {} if scores is None else {"scores": scores, "token_ids": ids, "filler_id": model.projection.filler_id}
     total, _ = loss(None, torch.zeros(len(audio), 1), virtual, model.text_embeddings(ids), lengths, **extra)
     return total
