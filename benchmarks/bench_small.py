@@ -169,7 +169,6 @@ def job_rows(cfg, mels: str, teacher: str, data: list[dict], args: argparse.Name
     """The job on exactly the bare loop's rows: a mels dataset whose `bench` split is those clips."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import ray
 
     from pipeline import cache
@@ -177,16 +176,17 @@ def job_rows(cfg, mels: str, teacher: str, data: list[dict], args: argparse.Name
     bench = ROOT / "runs" / "bench" / "small-mels"
     ids = {r["id"] for r in data}
     manifest = cache.check_manifest(mels, kind="mels")
+    fs, _ = cache.filesystem(str(bench))
     (bench / "mels").mkdir(parents=True, exist_ok=True)
     for name in manifest["files"]["mels"]:
-        table = pq.read_table(f"{mels}/mels/{name}")
+        table = cache.read_parquet(cache.filesystem(mels)[0], f"{mels}/mels/{name}")
         split_col = pc.if_else(pc.is_in(table.column("id"), value_set=pa.array(sorted(ids))), "bench",
                                table.column("split"))
-        pq.write_table(table.set_column(table.schema.get_field_index("split"), "split", split_col),
-                       bench / "mels" / name)
+        cache.write_parquet(fs, str(bench / "mels" / name),
+                            table.set_column(table.schema.get_field_index("split"), "split", split_col))
     manifest["source"]["splits"] = [*manifest["source"]["splits"], "bench"]
     manifest["counts"]["clips_by_split"]["bench"] = len(ids)
-    (bench / "manifest.json").write_text(json.dumps(manifest))
+    cache.write_manifest(str(bench), manifest)  # sizes and checksum of what this wrote, as a stage's manifest
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         return job(cfg, str(bench), teacher, ROOT / "runs" / "bench" / "small-job", len(data), args.steps)

@@ -57,7 +57,9 @@ def plot_loss(metrics: Sequence[Mapping[str, Any]], png: str, title: str = "DiVA
     lr.plot(steps, [m["lr"] for m in metrics], color="grey", linestyle=":", label="lr")
     lr.set_ylabel("learning rate", color="grey")
     lines = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    # Below the axes: inside, any corner hides a curve somewhere (the distillation term starts late and high).
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4,
+              fontsize=8, frameon=False)
     ax.set_title(title)
     return save_png(fig, png)
 

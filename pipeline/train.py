@@ -207,10 +207,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Rank 0 logs (pipeline/tracking.py); its trackers end with the run: finished, preempted or failed.
     tracker = tracking.open_tracker(cfg, config["output"], config["cfg"]) if rank == 0 else tracking.Tracker()
     model.train()
-    t_last, examples = time.perf_counter(), 0
+    t_last, examples, waited = time.perf_counter(), 0, 0.0
     with tracker:
         for step in range(state.step, end):
+            t_wait = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
+            waited += time.perf_counter() - t_wait  # ingest the step waited for (not hidden by prefetching)
             lr = lr_at(step, tcfg)
             result = train_step(model, [b for _, _, b in micro],
                                 align_only if step < tcfg.align_only_steps else loss_fn,
@@ -227,7 +229,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if log_now:
                 now = time.perf_counter()
                 metrics["examples_per_s"] = examples / max(now - t_last, 1e-9)
-                t_last, examples = now, 0
+                metrics["data_wait"] = waited / max(now - t_last, 1e-9)  # share of the interval spent waiting for data
+                t_last, examples, waited = now, 0, 0.0
                 if rank == 0:
                     tracker.log(state.step, metrics)
                     log.info("step %d/%d %s", state.step, tcfg.steps,
