@@ -91,15 +91,16 @@ def answers(url: str, token: str) -> bool:
 
 
 def wait_for_job_server(url: str, agent_url: str, token: str, head: subprocess.Popen, log: Path,
-                        timeout_s: float = 180) -> None:
+                        timeout_s: float = 180) -> bool:
     """Until the job API answers and so does the head's dashboard agent, which runs the jobs: the job API answers
     first, and a submission made before the agent is up fails after 10 s with "No available agent to submit job"
-    (Ray's WAIT_AVAILABLE_AGENT_TIMEOUT), as one did on a loaded CI machine."""
+    (Ray's WAIT_AVAILABLE_AGENT_TIMEOUT), as one did on a loaded CI machine. False if `ray start` exited first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert head.poll() is None, f"ray start exited ({head.returncode}):\n{log.read_text()[-4000:]}"
+        if head.poll() is not None:
+            return False
         if answers(f"{url}/api/version", token) and answers(agent_url, token):
-            return
+            return True
         time.sleep(1)
     pytest.fail(f"no job server at {url} with its agent at {agent_url} after {timeout_s} s:\n"
                 f"{log.read_text()[-4000:]}")
@@ -131,12 +132,9 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def head() -> Iterator[tuple[str, dict[str, str], Path]]:
-    """A local head started as the README says, from .venv, on ports of its own; yields (job API URL, env,
-    its --temp-dir)."""
-    token = secrets.token_hex(32)
-    env = head_env(token)
+def start_head(env: dict[str, str]) -> tuple[subprocess.Popen, str, str, str, Path]:
+    """`ray start --head --block` as the README says, on ports and a --temp-dir of its own: (process, job API URL,
+    agent URL, temp dir, log)."""
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths live under it
     gcs, dash, client, agent, agent_grpc, runtime_env_agent, metrics = free_ports(7)
     log = Path(temp_dir) / "ray-start.log"
@@ -149,13 +147,28 @@ def head() -> Iterator[tuple[str, dict[str, str], Path]]:
         # No drain on SIGTERM (a head of Serve replicas would want one): the node stops at once, not in up to 30 s.
         proc = subprocess.Popen(cmd, env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        wait_for_job_server(url, f"http://127.0.0.1:{agent}/", token, proc, log)
-        yield url, env, Path(temp_dir)
-    finally:
-        stop(proc, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return proc, f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{agent}/", temp_dir, log
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A local head started as the README says, from .venv, on ports of its own; yields (job API URL, env,
+    its --temp-dir). Up to 3 starts: Ray gives its raylet a fixed 30 s to register, which a loaded CI machine
+    has exceeded ("The current node timed out during startup"); each failed start is shown if all fail."""
+    token = secrets.token_hex(32)
+    env = head_env(token)
+    failures = []
+    for _ in range(3):
+        proc, url, agent_url, temp_dir, log = start_head(env)
+        try:
+            if wait_for_job_server(url, agent_url, token, proc, log):
+                yield url, env, Path(temp_dir)
+                return
+            failures.append(f"ray start exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        finally:
+            stop(proc, temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    pytest.fail("\n\n".join(failures))
 
 
 def ray_job(url: str, env: dict[str, str], *args: str) -> str:
