@@ -78,7 +78,7 @@ def run(kind: str, cfg, data: dict, tokenizer, args) -> list[dict]:
     model.eval()  # no dropout in either (the Q-Former's config has none; as in training's frozen parts)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    loss = DivaLoss(w_distill=0.0, align_side="left")
+    loss = DivaLoss.from_config(cfg.train).alignment_only()  # the job's alignment term (left: the configs above)
     audio, ids, lengths = data["train"]
     gen, log, t0 = torch.Generator().manual_seed(0), [], time.perf_counter()
     for step in range(0, args.steps + 1):
