@@ -16,7 +16,7 @@ fi
 $VENV/bin/python -m pip install -q --upgrade pip
 # torch_xla's torch, held by a constraint so that no later requirement (the project's torch>=,
 # transformers, ray) moves it. From PyPI torch 2.9.0 is the CUDA build (~4 GB with its nvidia-*
-# wheels); the CPU-only index is not assumed reachable.
+# wheels, not cached: pip's cache would hold another ~4 GB of them); the CPU-only index is not assumed reachable.
 # The pins are the `tpu` extra's in pyproject.toml (the one place they are written).
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
@@ -27,7 +27,7 @@ print("\n".join(r for r in extra if r.split("==")[0] in ("torch", "torch_xla")))
 PY
 xla_pin=$(grep '^torch_xla==' "$constraints")
 [ -z "$XLA_EXTRA" ] || xla_pin="torch_xla[$XLA_EXTRA]==${xla_pin#torch_xla==}"
-$VENV/bin/python -m pip install -q -c "$constraints" "$(grep '^torch==' "$constraints")" "$xla_pin"
+$VENV/bin/python -m pip install -q --no-cache-dir -c "$constraints" "$(grep '^torch==' "$constraints")" "$xla_pin"
 $VENV/bin/python -m pip install -q -c "$constraints" -e '.[dev,tpu]'
 echo "$want" > $VENV/.stamp
 echo "setup_xla: $VENV ready ($(PJRT_DEVICE=CPU $VENV/bin/python -c 'import torch, torch_xla, ray, transformers

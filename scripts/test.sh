@@ -14,7 +14,7 @@ status=0
 # workers inherit OMP_NUM_THREADS): two workers of 2 threads each on 2 cores made compute-bound tests up to 4x slower.
 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@" || status=$?
 if ! wait "$xla_setup"; then
-  cat "$log"; echo "test: scripts/setup_xla.sh failed"; exit 1
+  cat "$log"; echo "test: scripts/setup_xla.sh failed ($(df -h --output=avail . | tail -1 | tr -d ' ') free)"; exit 1
 fi
 rm -f "$log"
 [ "$status" = 0 ] || exit "$status"
