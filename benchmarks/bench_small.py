@@ -100,7 +100,7 @@ def bare(cfg, data: list[dict], steps: int) -> dict[str, float]:
 
 def bare_on_a_thread(cfg, data: list[dict], steps: int) -> dict[str, float]:
     """`bare` on a second thread of this process, where Ray Train runs a worker's loop (its TrainingThread): on
-    these 2 cores that alone cost about a fifth of the alignment-only rate (docs/benchmarks.md)."""
+    these 2 cores that alone cost about a tenth of the alignment-only rate (0.91 in docs/benchmarks.md)."""
     import threading
 
     out: list = []
