@@ -181,6 +181,12 @@ def _source_spec(name: str, revision: str | None) -> tuple[str, str | None]:
     return (os.path.abspath(name) if os.path.isdir(name) else name), revision
 
 
+def answer_temperature(mcfg: ModelConfig) -> float:
+    """The vocabulary mix's temperature an exported model answers with: `model.answer_temperature`, else the one
+    it trained with."""
+    return mcfg.vocabulary_temperature if mcfg.answer_temperature is None else mcfg.answer_temperature
+
+
 def export_config(cfg: Config, template: ChatTemplate, tokenizer: Any, weights: Mapping[str, torch.Tensor],
                   source: dict[str, Any]) -> dict[str, Any]:
     q, d = weights["query_tokens"].shape
@@ -205,7 +211,8 @@ def export_config(cfg: Config, template: ChatTemplate, tokenizer: Any, weights: 
         "d": int(d),
         "H": None if h is None else int(h),
         # "linear": the paper's (projection.* weights); "vocabulary": rebuilt from the two checkpoints at load.
-        "projection": {"kind": cfg.model.projection, "temperature": cfg.model.vocabulary_temperature},
+        # The mix's temperature at inference: model.answer_temperature where the run set one, else the training one.
+        "projection": {"kind": cfg.model.projection, "temperature": answer_temperature(cfg.model)},
         "weights": {"file": WEIGHTS, "dtype": "float32", "projection_weight": "[d, H] (in x out)"},
         "template": {
             "prefix_ids": list(template.prefix_ids),

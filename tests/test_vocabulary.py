@@ -132,19 +132,29 @@ def test_the_alignment_cross_entropy_against_a_loop(side):
 
 def test_an_export_loads_as_the_same_student(student, real_models, tmp_path):
     """The export holds the queries and the Q-Former only (the head is derived from the two checkpoints again at
-    load) and records the kind; the loaded model gives the built student's virtual tokens."""
+    load) and records the kind and the temperature it answers with: the preset's model.answer_temperature (0.5),
+    not the training one (1.0). The loaded model gives the virtual tokens of the same student built to mix at 0.5,
+    and, exported without an answer temperature, the built (training) student's."""
     from safetensors.torch import load_file
 
     from pipeline.export import WEIGHTS, export_untrained, load_model
+    from pipeline.model import build_student
 
-    out = export_untrained(vocabulary_cfg(real_models), str(tmp_path / "model"))
-    config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["projection"] == {"kind": "vocabulary", "temperature": 1.0} and config["H"] is None
-    assert not any(k.startswith("projection") for k in load_file(tmp_path / "model" / WEIGHTS))
-    loaded, _ = load_model(out)
+    cfg = vocabulary_cfg(real_models)
+    assert (cfg.model.vocabulary_temperature, cfg.model.answer_temperature) == (1.0, 0.5)
     x = torch.randn(2, 80, 1000, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.virtual_tokens(x), student.virtual_tokens(x))
+    sharp = build_student(vocabulary_cfg(real_models, "model.vocabulary_temperature=0.5"), seed=0).eval()
+    for name, answer, expected in (("sharp", "0.5", sharp), ("as-trained", "1.0", student)):
+        out = export_untrained(vocabulary_cfg(real_models, f"model.answer_temperature={answer}"),
+                               str(tmp_path / name))
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["projection"] == {"kind": "vocabulary", "temperature": float(answer)} and config["H"] is None
+        assert not any(k.startswith("projection") for k in load_file(tmp_path / name / WEIGHTS))
+        loaded, _ = load_model(out)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.virtual_tokens(x), expected.virtual_tokens(x))
+    with torch.no_grad():  # the two temperatures give different inputs to the LLM
+        assert not torch.allclose(sharp.virtual_tokens(x), student.virtual_tokens(x), atol=1e-3)
 
 
 def test_the_random_tiny_whisper_cannot_read_the_vocabulary():
@@ -152,3 +162,5 @@ def test_the_random_tiny_whisper_cannot_read_the_vocabulary():
         load_config("tiny", ["model.projection=vocabulary"])
     with pytest.raises(ConfigError, match="vocabulary_temperature must be > 0"):
         load_config("tiny", ["model.vocabulary_temperature=0"])
+    with pytest.raises(ConfigError, match="answer_temperature must be > 0"):
+        load_config("tiny", ["model.answer_temperature=-0.5"])
